@@ -1,0 +1,385 @@
+"""The loss on a fixed probe set as a function of the parameters, with gradient, HVP engines and batched evaluation.
+
+Everything is functional: parameters are substituted with :func:`torch.func.functional_call`,
+never written into the model, and every public method restores the model's modes and the
+global RNG streams (see :mod:`lightning_hessian._guard`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_hessian._guard import analysis_mode
+from lightning_hessian._params import ParamSpec, flatten, select_parameters, unflatten
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+HvpEngine = Literal["auto", "cached", "double_backward", "forward_over_reverse", "finite_difference"]
+ObjectiveMode = Literal["eval", "batch_stats"]
+AllReduceSum = Callable[[Tensor], Tensor]
+
+_ENGINES: tuple[str, ...] = get_args(HvpEngine)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The probe loss (or its gradient) is NaN or infinite, so curvature is undefined here."""
+
+
+class HvpFallbackWarning(UserWarning):
+    """Double backward is unavailable for this model; HVPs fall back to finite differences."""
+
+
+def default_batch_size(batch: Any) -> int:
+    """Leading dimension of the first tensor found in ``batch`` (depth first), or 1 if none."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, Mapping):
+        items: Iterable[Any] = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    else:
+        return 1
+    for item in items:
+        if isinstance(item, (Tensor, Mapping, list, tuple)):
+            found = _first_tensor_size(item)
+            if found is not None:
+                return found
+    return 1
+
+
+def _first_tensor_size(batch: Any) -> int | None:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for item in values:
+        if isinstance(item, (Tensor, Mapping, list, tuple)):
+            found = _first_tensor_size(item)
+            if found is not None:
+                return found
+    return None
+
+
+class _LossCall(nn.Module):
+    """Lets ``functional_call`` substitute parameters around an arbitrary ``loss_fn(model, batch)``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self._loss_fn(self.model, batch)
+
+
+class Objective:
+    """Sample-weighted mean of ``loss_fn(model, batch)`` over fixed ``batches``, as a function of parameters.
+
+    Args:
+        model: any ``nn.Module``; it is never mutated.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, the mean loss over the batch.
+        batches: the probe set; each batch is weighted by its size (``batch_size_fn``).
+        params: ``None`` for all parameters with ``requires_grad``, or a glob / list of globs on
+            parameter names (``"fc1.*"``) to analyse a subset.
+        hvp: ``"auto"`` (cached gradient graph, finite differences if the model has no double
+            backward), ``"cached"``, ``"double_backward"`` (fresh graph per product, lowest memory),
+            ``"forward_over_reverse"`` (``torch.func``) or ``"finite_difference"``.
+        mode: ``"eval"`` (dropout off, BatchNorm on running statistics: one fixed symmetric
+            operator) or ``"batch_stats"`` (BatchNorm on batch statistics over copied buffers).
+        batch_size_fn: weight of a batch; default: leading dimension of its first tensor.
+        all_reduce_sum: for distributed use, a function summing a tensor over all processes
+            (every process then sees the same operator); ``None`` for a single process.
+
+    Flat vectors follow ``model.named_parameters()`` order restricted to the selected parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Any],
+        params: ParamSpec = None,
+        hvp: HvpEngine = "auto",
+        *,
+        mode: ObjectiveMode = "eval",
+        batch_size_fn: Callable[[Any], int] | None = None,
+        all_reduce_sum: AllReduceSum | None = None,
+    ) -> None:
+        if hvp not in _ENGINES:
+            raise ValueError(f"hvp must be one of {_ENGINES}, got {hvp!r}")
+        if mode not in get_args(ObjectiveMode):
+            raise ValueError(f"mode must be 'eval' or 'batch_stats', got {mode!r}")
+        if hvp == "forward_over_reverse" and mode == "batch_stats":
+            raise ValueError(
+                "hvp='forward_over_reverse' cannot run BatchNorm on batch statistics (torch.func forbids the "
+                "in-place running-statistics update); use hvp='cached' or 'double_backward' with mode='batch_stats'"
+            )
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("batches is empty: the objective needs at least one probe batch")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.mode: ObjectiveMode = mode
+        self.hvp_engine: HvpEngine = hvp
+        self._all_reduce_sum = all_reduce_sum
+        selected = select_parameters(model, params)
+        self.param_names = [n for n, _ in selected]
+        self._params = [p for _, p in selected]
+        dtypes = {p.dtype for p in self._params}
+        if len(dtypes) > 1:
+            raise ValueError(f"selected parameters mix dtypes {sorted(map(str, dtypes))}; select one dtype")
+        size_fn = batch_size_fn or default_batch_size
+        self._weights = [float(size_fn(b)) for b in self.batches]
+        if any(w <= 0 for w in self._weights):
+            raise ValueError(f"every batch needs a positive size, got {self._weights}")
+        self._total_weight = float(self._reduce(torch.tensor(sum(self._weights), dtype=torch.float64,
+                                                             device=self.device)).item())
+        self._call = _LossCall(model, loss_fn)
+        self._cache: tuple[tuple[tuple[int, int], ...], list[Tensor], Tensor] | None = None
+        self._fallback_reason: str | None = None
+        self.n_hvp = 0
+        self.n_grad = 0
+        self.n_loss = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_params(self) -> int:
+        """Number of scalar parameters the Hessian is taken over."""
+        return sum(p.numel() for p in self._params)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the selected parameters (where every flat vector lives)."""
+        return self._params[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the selected parameters (and of every flat vector)."""
+        return self._params[0].dtype
+
+    @property
+    def active_engine(self) -> str:
+        """The HVP engine in use: ``hvp_engine`` with ``"auto"`` resolved (after the first HVP)."""
+        if self.hvp_engine != "auto":
+            return self.hvp_engine
+        return "finite_difference" if self._fallback_reason else "cached"
+
+    def parameters(self) -> Tensor:
+        """Current values of the selected parameters as one flat vector (a copy)."""
+        return flatten([p.detach() for p in self._params])
+
+    # ------------------------------------------------------------------ public operations
+    def loss(self) -> float:
+        """Objective value at the current parameters; raises :class:`NonFiniteLossError` if not finite."""
+        with analysis_mode(self.model, self.mode), torch.no_grad():
+            value = self._reduce(self._local_losses([None]))[0] / self._total_weight
+        self.n_loss += 1
+        result = float(value.item())
+        if not math.isfinite(result):
+            raise NonFiniteLossError(f"the probe loss is {result} at the current parameters")
+        return result
+
+    def grad(self) -> Tensor:
+        """Gradient of the objective at the current parameters, as a flat vector."""
+        with analysis_mode(self.model, self.mode):
+            g = self._local_grad(None)
+        self.n_grad += 1
+        g = self._reduce(g)
+        if not bool(torch.isfinite(g).all()):
+            raise NonFiniteLossError("the gradient of the probe loss has NaN or infinite entries")
+        return g
+
+    def hvp(self, v: Tensor) -> Tensor:
+        """Hessian-vector product ``H v`` at the current parameters (``v`` flat, same device and dtype)."""
+        if v.shape != (self.num_params,):
+            raise ValueError(f"v must have shape ({self.num_params},), got {tuple(v.shape)}")
+        v = v.to(device=self.device, dtype=self.dtype)
+        with analysis_mode(self.model, self.mode):
+            hv = self._local_hvp(v)
+        self.n_hvp += 1
+        return self._reduce(hv)
+
+    def losses_at(self, displacements: Tensor | Iterable[Tensor]) -> Tensor:
+        """Objective values at ``theta + d`` for each displacement ``d`` (rows of a 2-D tensor, or an iterable).
+
+        Displacements are streamed: an iterable is consumed one vector at a time, so grids of any
+        size fit in memory. Non-finite losses are returned as they are (never raised), so that a
+        landscape can show where the loss diverges. Costs one forward pass of the probe set per point.
+        """
+        with analysis_mode(self.model, self.mode), torch.no_grad():
+            local = self._local_losses(displacements)
+        values = self._reduce(local) / self._total_weight
+        self.n_loss += int(values.numel())
+        return values.to(torch.float64).cpu()
+
+    def release(self) -> None:
+        """Drop the cached gradient graph (it is rebuilt on the next HVP if needed)."""
+        self._cache = None
+
+    # ------------------------------------------------------------------ internals
+    def _reduce(self, t: Tensor) -> Tensor:
+        return self._all_reduce_sum(t) if self._all_reduce_sum is not None else t
+
+    def _values(self, leaves: Sequence[Tensor] | None = None, displacement: Tensor | None = None) -> dict[str, Tensor]:
+        """Substitution dict for ``functional_call``: selected params (leaves or displaced), others detached."""
+        values: dict[str, Tensor] = {}
+        selected = set(self.param_names)
+        for name, p in self.model.named_parameters():
+            if name not in selected:
+                values["model." + name] = p.detach()
+        if leaves is not None:
+            current: Sequence[Tensor] = leaves
+        elif displacement is not None:
+            current = [p.detach() + d for p, d in zip(self._params, unflatten(displacement, self._params))]
+        else:
+            current = [p.detach() for p in self._params]
+        for name, t in zip(self.param_names, current):
+            values["model." + name] = t
+        if self.mode == "batch_stats":
+            for name, b in self.model.named_buffers():
+                values["model." + name] = b.detach().clone()
+        return values
+
+    def _batch_loss(self, values: dict[str, Tensor], batch: Any) -> Tensor:
+        loss = functional_call(self._call, values, (batch,), strict=False)
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss_fn must return a scalar Tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss_fn must return a scalar (the mean loss over the batch), got shape {tuple(loss.shape)}; "
+                "reduce it, e.g. with .mean()"
+            )
+        return loss.reshape(())
+
+    def _local_losses(self, displacements: Iterable[Tensor | None] | Tensor) -> Tensor:
+        out = []
+        for d in displacements:
+            values = self._values(displacement=None if d is None else d.to(self.device, self.dtype))
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for w, batch in zip(self._weights, self.batches):
+                total = total + w * self._batch_loss(values, batch).detach().to(torch.float64)
+            out.append(total)
+        if not out:
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
+        return torch.stack(out)
+
+    def _leaves(self) -> list[Tensor]:
+        return [p.detach().requires_grad_(True) for p in self._params]
+
+    def _weighted(self, w: float, loss: Tensor) -> Tensor:
+        if not bool(torch.isfinite(loss.detach())):
+            raise NonFiniteLossError(f"the probe loss is {loss.item()} on a probe batch at the current parameters")
+        return loss * (w / self._total_weight)
+
+    def _grads(self, loss: Tensor, leaves: list[Tensor], create_graph: bool) -> list[Tensor]:
+        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+        return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+
+    def _local_grad(self, displacement: Tensor | None) -> Tensor:
+        total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        for w, batch in zip(self._weights, self.batches):
+            if displacement is None:
+                leaves = self._leaves()
+            else:
+                leaves = [(p.detach() + d).requires_grad_(True)
+                          for p, d in zip(self._params, unflatten(displacement, self._params))]
+            loss = self._weighted(w, self._batch_loss(self._values(leaves=leaves), batch))
+            if loss.requires_grad:
+                total += flatten(self._grads(loss, leaves, create_graph=False))
+        return total
+
+    def _local_hvp(self, v: Tensor) -> Tensor:
+        engine = self.hvp_engine
+        if engine == "auto":
+            if self._fallback_reason is None:
+                try:
+                    return self._hvp_cached(v)
+                except (RuntimeError, NotImplementedError) as err:
+                    if isinstance(err, (torch.OutOfMemoryError, NonFiniteLossError)):
+                        raise
+                    self._cache = None
+                    self._fallback_reason = f"{type(err).__name__}: {err}".splitlines()[0]
+                    warnings.warn(
+                        "double backward failed for this model "
+                        f"({self._fallback_reason}); Hessian-vector products fall back to central finite "
+                        "differences of gradients. They are accurate on smooth models but can be far off across "
+                        "non-smooth points (ReLU kinks, max-pooling). Pass hvp='finite_difference' to choose this "
+                        "explicitly and silence the warning.",
+                        HvpFallbackWarning,
+                        stacklevel=3,
+                    )
+            engine = "finite_difference"
+        if engine == "cached":
+            return self._hvp_cached(v)
+        if engine == "double_backward":
+            return self._hvp_double_backward(v)
+        if engine == "forward_over_reverse":
+            return self._hvp_forward_over_reverse(v)
+        return self._hvp_finite_difference(v)
+
+    def _state_key(self) -> tuple[tuple[int, int], ...]:
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def _hvp_cached(self, v: Tensor) -> Tensor:
+        key = self._state_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None
+            leaves = self._leaves()
+            values = self._values(leaves=leaves)
+            loss = sum(
+                (self._weighted(w, self._batch_loss(values, b)) for w, b in zip(self._weights, self.batches)),
+                torch.zeros((), dtype=self.dtype, device=self.device),
+            )
+            flat_grad = flatten(self._grads(loss, leaves, create_graph=True)) if loss.requires_grad else None
+            self._cache = (key, leaves, flat_grad if flat_grad is not None else torch.zeros(0))
+        _, leaves, flat_grad = self._cache
+        if not flat_grad.requires_grad:
+            return torch.zeros_like(v)
+        hv = torch.autograd.grad(flat_grad, leaves, grad_outputs=v, retain_graph=True, allow_unused=True)
+        return flatten([torch.zeros_like(x) if h is None else h for h, x in zip(hv, leaves)])
+
+    def _hvp_double_backward(self, v: Tensor) -> Tensor:
+        total = torch.zeros_like(v)
+        for w, batch in zip(self._weights, self.batches):
+            leaves = self._leaves()
+            loss = self._weighted(w, self._batch_loss(self._values(leaves=leaves), batch))
+            if not loss.requires_grad:
+                continue
+            flat_grad = flatten(self._grads(loss, leaves, create_graph=True))
+            if flat_grad.requires_grad:
+                total += flatten(self._grads(flat_grad @ v, leaves, create_graph=False))
+        return total
+
+    def _hvp_forward_over_reverse(self, v: Tensor) -> Tensor:
+        primals = tuple(p.detach() for p in self._params)
+        tangents = tuple(unflatten(v, self._params))
+        total = torch.zeros_like(v)
+        for w, batch in zip(self._weights, self.batches):
+
+            def loss_of(*leaves: Tensor, batch: Any = batch, w: float = w) -> Tensor:
+                return self._weighted(w, self._batch_loss(self._values(leaves=leaves), batch))
+
+            grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(primals))))
+            _, hv = torch.func.jvp(grad_fn, primals, tangents)
+            total += flatten(list(hv))
+        return total
+
+    def _hvp_finite_difference(self, v: Tensor) -> Tensor:
+        norm = float(v.norm())
+        if norm == 0.0:
+            return torch.zeros_like(v)
+        theta = self.parameters()
+        rms = float(theta.norm()) / math.sqrt(theta.numel())
+        step = torch.finfo(self.dtype).eps ** (1.0 / 3.0) * max(1.0, rms)
+        u = v * (step / norm)
+        g_plus = self._local_grad(u)
+        g_minus = self._local_grad(-u)
+        return (g_plus - g_minus) * (norm / (2.0 * step))

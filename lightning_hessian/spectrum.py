@@ -1,0 +1,407 @@
+"""Extremal Hessian eigenpairs: Lanczos on HVPs with a Ritz-residual stop, warm starts, and an ARPACK reference.
+
+One Krylov space gives both ends of the spectrum. Lanczos keeps full reorthogonalisation with
+its basis on the model's device; the small projected problem is solved by
+``scipy.linalg.eigh_tridiagonal`` (``scipy.linalg.eigh`` after a thick restart). A Ritz value
+is reported as converged only when its residual ``||H y - theta y||`` is below the tolerance:
+
+- top values: ``residual <= tol * |theta|`` (relative accuracy);
+- the bottom value: ``residual <= tol * (theta_max - theta_min)``, i.e. relative to the norm of
+  the shifted operator ``H - lambda_max I`` of Böttcher & Wheeler's Appendix B, whose
+  largest-magnitude eigenvalue ``lambda_min - lambda_max`` is what is resolved there.
+
+Krylov spaces are shift-invariant, so Lanczos on ``H - lambda_max I`` has the same Ritz vectors as
+on ``H``: when the basis is full before the bottom has converged, the run is thick-restarted
+keeping the Ritz vectors of both ends, which is how the bottom end is refined within the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse.linalg
+import torch
+from torch import Tensor
+
+from lightning_hessian.objective import Objective
+
+Which = Literal["both", "top"]
+Solver = Literal["lanczos", "arpack"]
+MatVec = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Extremal eigenpairs with their evidence.
+
+    Attributes:
+        lambda_max: largest eigenvalue.
+        lambda_min: most negative eigenvalue (smallest positive one when H is positive definite);
+            NaN when ``which="top"``.
+        eigenvalues: the top-k eigenvalues, descending.
+        eigenvectors: unit eigenvectors of ``eigenvalues``, shape ``(k, N)``, on the model's device.
+        vector_min: unit eigenvector of ``lambda_min`` (``None`` when ``which="top"``).
+        residuals: ``||H y - theta y||`` for each top value.
+        residual_min: the same for ``lambda_min``.
+        converged_max: every top value met the tolerance.
+        converged_min: ``lambda_min`` met the tolerance (False when not computed).
+        n_hvp: Hessian-vector products spent in total.
+        n_hvp_top: products spent when the top values had converged (``None`` if they never did).
+        ritz_values: every Ritz value of the final Krylov space, ascending (a coarse spectrum picture).
+        solver, tol, seconds: how it was obtained.
+    """
+
+    lambda_max: float
+    lambda_min: float
+    eigenvalues: tuple[float, ...]
+    eigenvectors: Tensor = field(repr=False)
+    vector_min: Tensor | None = field(repr=False)
+    residuals: tuple[float, ...]
+    residual_min: float
+    converged_max: bool
+    converged_min: bool
+    n_hvp: int
+    n_hvp_top: int | None
+    ritz_values: tuple[float, ...] = field(repr=False)
+    solver: str
+    tol: float
+    seconds: float
+
+    @property
+    def converged(self) -> bool:
+        """All requested values converged (the bottom counts only when it was requested)."""
+        return self.converged_max and (self.vector_min is None or self.converged_min)
+
+    @property
+    def negative_ratio(self) -> float:
+        """``|lambda_min| / lambda_max`` for a negative ``lambda_min`` (the saddle signal), else 0."""
+        if self.vector_min is None or not self.lambda_max > 0:
+            return float("nan")
+        return max(0.0, -self.lambda_min) / self.lambda_max
+
+
+@dataclass
+class _LanczosOutcome:
+    ritz: np.ndarray  # ascending Ritz values of the final projected matrix
+    top_values: np.ndarray
+    top_vectors: Tensor
+    top_residuals: np.ndarray
+    min_value: float
+    min_vector: Tensor | None
+    min_residual: float
+    converged_top: bool
+    converged_min: bool
+    n_matvec: int
+    n_matvec_top: int | None
+
+
+def extremal_eigenpairs(
+    objective: Objective,
+    k: int = 1,
+    tol: float = 1e-4,
+    max_hvp: int = 200,
+    init: EigenResult | Tensor | None = None,
+    seed: int = 0,
+    *,
+    which: Which = "both",
+    solver: Solver = "lanczos",
+    max_basis: int = 100,
+) -> EigenResult:
+    """Largest ``k`` eigenvalues and the most negative eigenvalue of the objective's Hessian.
+
+    Args:
+        objective: the operator (its ``hvp`` is all that is used).
+        k: number of largest eigenvalues (with vectors) to converge.
+        tol: residual tolerance, relative to ``|lambda|`` for the top values and to the spectral
+            width ``lambda_max - lambda_min`` for the bottom one.
+        max_hvp: hard budget of Hessian-vector products; unconverged values say so.
+        init: a previous :class:`EigenResult` (warm start from its vectors) or a start vector.
+        seed: seeds the random start vector; results are deterministic for a given seed.
+        which: ``"both"`` ends, or ``"top"`` only (cheaper when the saddle signal is not wanted).
+        solver: ``"lanczos"`` (ours) or ``"arpack"`` (``scipy.sparse.linalg.eigsh`` reference).
+        max_basis: most Lanczos vectors held at once (memory ``max_basis * N``); thick restart beyond.
+    """
+    _check_args(k, tol, max_hvp, which, solver, max_basis)
+    n = objective.num_params
+    if k >= n:
+        raise ValueError(f"k={k} must be smaller than the number of parameters ({n})")
+    start = time.perf_counter()
+    before = objective.n_hvp
+    v0, warm = _start_vector(init, n, which, seed, objective.device, objective.dtype)
+    if solver == "arpack":
+        outcome = _arpack(objective.hvp, n, v0, k=k, tol=tol, max_matvec=max_hvp, want_bottom=which == "both")
+    else:
+        outcome = lanczos(
+            objective.hvp,
+            v0,
+            k=k,
+            tol=tol,
+            max_matvec=max_hvp,
+            max_basis=max_basis,
+            want_bottom=which == "both",
+            warm=warm,
+            seed=seed,
+        )
+    return EigenResult(
+        lambda_max=float(outcome.top_values[0]),
+        lambda_min=outcome.min_value,
+        eigenvalues=tuple(float(x) for x in outcome.top_values),
+        eigenvectors=outcome.top_vectors,
+        vector_min=outcome.min_vector,
+        residuals=tuple(float(x) for x in outcome.top_residuals),
+        residual_min=outcome.min_residual,
+        converged_max=outcome.converged_top,
+        converged_min=outcome.converged_min,
+        n_hvp=objective.n_hvp - before,
+        n_hvp_top=outcome.n_matvec_top,
+        ritz_values=tuple(float(x) for x in outcome.ritz),
+        solver=solver,
+        tol=tol,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _check_args(k: int, tol: float, max_hvp: int, which: str, solver: str, max_basis: int) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+    if not isinstance(max_hvp, int) or max_hvp < k + 1:
+        raise ValueError(f"max_hvp must be an integer of at least k + 1 = {k + 1}, got {max_hvp!r}")
+    if which not in ("both", "top"):
+        raise ValueError(f"which must be 'both' or 'top', got {which!r}")
+    if solver not in ("lanczos", "arpack"):
+        raise ValueError(f"solver must be 'lanczos' or 'arpack', got {solver!r}")
+    if not isinstance(max_basis, int) or max_basis < k + 6:
+        raise ValueError(f"max_basis must be an integer of at least k + 6 = {k + 6}, got {max_basis!r}")
+
+
+def _random_vector(n: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _start_vector(
+    init: EigenResult | Tensor | None, n: int, which: str, seed: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, bool]:
+    """The Lanczos start vector and whether it is a warm start."""
+    if init is None:
+        v = _random_vector(n, seed, device, dtype)
+        return v / v.norm(), False
+    if isinstance(init, EigenResult):
+        parts = list(init.eigenvectors)
+        if which == "both" and init.vector_min is not None:
+            parts.append(init.vector_min)
+        v = torch.stack([p.to(device=device, dtype=dtype) for p in parts]).sum(0)
+    else:
+        v = init.to(device=device, dtype=dtype).reshape(-1)
+    if v.numel() != n:
+        raise ValueError(f"init has {v.numel()} entries but the objective has {n} parameters")
+    norm = v.norm()
+    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+        raise ValueError("init must be a finite, non-zero vector")
+    return v / norm, True
+
+
+def lanczos(
+    matvec: MatVec,
+    v0: Tensor,
+    *,
+    k: int = 1,
+    tol: float = 1e-4,
+    max_matvec: int = 200,
+    max_basis: int = 100,
+    want_bottom: bool = True,
+    warm: bool = False,
+    seed: int = 0,
+) -> _LanczosOutcome:
+    """Lanczos with full reorthogonalisation and thick restart on any symmetric ``matvec``.
+
+    Stops as soon as the top ``k`` Ritz values (and the bottom one, if wanted) meet the
+    residual tolerance, or when ``max_matvec`` products are spent.
+    """
+    n = v0.numel()
+    dtype, device = v0.dtype, v0.device
+    cap = min(max_basis, n)
+    basis = torch.empty(cap + 1, n, dtype=dtype, device=device)
+    proj = np.zeros((cap + 1, cap + 1))  # projected matrix V^T H V (tridiagonal, or arrowhead after restart)
+    basis[0] = v0 / v0.norm()
+    m = 0  # vectors in the basis whose product has been taken
+    restarted = False
+    injected = not warm
+    n_mv = 0
+    n_mv_top: int | None = None
+    eps = float(torch.finfo(dtype).eps)
+    state: tuple[np.ndarray, np.ndarray, float] | None = None
+    while True:
+        w = matvec(basis[m])
+        n_mv += 1
+        for _ in range(2):  # classical Gram-Schmidt, twice: full reorthogonalisation
+            coeffs = basis[: m + 1] @ w
+            w = w - coeffs @ basis[: m + 1]
+            proj[m, m] += float(coeffs[m])
+        beta = float(w.norm())
+        m += 1
+        theta, s = _eig_projected(proj[:m, :m], restarted)
+        state = (theta, s, beta)
+        radius = max(abs(theta[0]), abs(theta[-1]), 1e-30)
+        res = beta * np.abs(s[-1, :])
+        top_idx = np.arange(m - 1, max(m - 1 - k, -1), -1)
+        top_ok = len(top_idx) == k and bool(np.all(res[top_idx] <= tol * np.maximum(np.abs(theta[top_idx]),
+                                                                                    1e-3 * radius)))
+        width = max(theta[-1] - theta[0], eps * radius)
+        bottom_ok = (not want_bottom) or (m > k and bool(res[0] <= tol * width))
+        if top_ok and n_mv_top is None:
+            n_mv_top = n_mv
+        breakdown = beta <= 100 * eps * radius
+        if (top_ok and bottom_ok) and not (breakdown and not injected):
+            break
+        if n_mv >= max_matvec or m >= n:
+            break
+        if breakdown:
+            # Invariant subspace: continue with a fresh random direction (coupling 0).
+            w = _random_vector(n, seed + 7919 + n_mv, device, dtype)
+            for _ in range(2):
+                w = w - (basis[:m] @ w) @ basis[:m]
+            beta_next, injected = 0.0, True
+            if float(w.norm()) <= eps:
+                break
+            w = w / w.norm()
+        else:
+            beta_next = beta
+            w = w / beta
+        if m == cap:
+            m = _thick_restart(basis, proj, theta, s, beta_next, w, k, want_bottom)
+            restarted = True
+            continue
+        basis[m] = w
+        proj[m - 1, m] = proj[m, m - 1] = beta_next
+    theta, s, beta = state
+    res = beta * np.abs(s[-1, :])
+    vectors = s.T  # rows: coefficients of the Ritz vectors in the basis
+    top_idx = np.arange(m - 1, max(m - 1 - k, -1), -1)
+    coeff = torch.as_tensor(vectors[top_idx], dtype=dtype, device=device)
+    top_vectors = _normalise_rows(coeff @ basis[:m])
+    radius = max(abs(theta[0]), abs(theta[-1]), 1e-30)
+    top_ok = bool(np.all(res[top_idx] <= tol * np.maximum(np.abs(theta[top_idx]), 1e-3 * radius)))
+    min_vector = None
+    min_value, min_res, bottom_ok = float("nan"), float("nan"), False
+    if want_bottom:
+        min_vector = _normalise_rows(torch.as_tensor(vectors[:1], dtype=dtype, device=device) @ basis[:m])[0]
+        min_value, min_res = float(theta[0]), float(res[0])
+        bottom_ok = m > k and bool(res[0] <= tol * max(theta[-1] - theta[0], eps * radius))
+    return _LanczosOutcome(
+        ritz=theta,
+        top_values=theta[top_idx],
+        top_vectors=top_vectors,
+        top_residuals=res[top_idx],
+        min_value=min_value,
+        min_vector=min_vector,
+        min_residual=min_res,
+        converged_top=top_ok,
+        converged_min=bottom_ok,
+        n_matvec=n_mv,
+        n_matvec_top=n_mv_top,
+    )
+
+
+def _eig_projected(t: np.ndarray, restarted: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of the projected matrix: tridiagonal solver unless a restart made it arrowhead."""
+    if restarted:
+        return scipy.linalg.eigh(t)  # type: ignore[no-any-return]
+    return scipy.linalg.eigh_tridiagonal(np.diag(t).copy(), np.diag(t, 1).copy())  # type: ignore[no-any-return]
+
+
+def _thick_restart(
+    basis: Tensor,
+    proj: np.ndarray,
+    theta: np.ndarray,
+    s: np.ndarray,
+    beta: float,
+    next_vector: Tensor,
+    k: int,
+    want_bottom: bool,
+) -> int:
+    """Keep the wanted Ritz vectors of both ends, couple them to the next Lanczos vector; return the new size."""
+    m = len(theta)
+    keep_top = list(range(m - 1, max(m - 1 - (k + 3), -1), -1))
+    keep_bottom = list(range(min(4, m))) if want_bottom else []
+    keep = sorted(set(keep_top) | set(keep_bottom))
+    p = len(keep)
+    coeff = torch.as_tensor(s[:, keep].T, dtype=basis.dtype, device=basis.device)
+    kept = coeff @ basis[:m]
+    basis[:p] = kept
+    basis[p] = next_vector
+    proj[:] = 0.0
+    proj[np.arange(p), np.arange(p)] = theta[keep]
+    coupling = beta * s[-1, keep]
+    proj[:p, p] = coupling
+    proj[p, :p] = coupling
+    return p
+
+
+def _normalise_rows(x: Tensor) -> Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+class _BudgetExhausted(Exception):
+    pass
+
+
+def _arpack(
+    matvec: MatVec, n: int, v0: Tensor, *, k: int, tol: float, max_matvec: int, want_bottom: bool
+) -> _LanczosOutcome:
+    """Reference: ``scipy.sparse.linalg.eigsh`` (which='LA', then which='SA') on a LinearOperator of HVPs."""
+    dtype, device = v0.dtype, v0.device
+    count = 0
+
+    def mv(x: np.ndarray) -> np.ndarray:
+        nonlocal count
+        if count >= max_matvec:
+            raise _BudgetExhausted
+        count += 1
+        t = torch.as_tensor(np.asarray(x).reshape(-1), dtype=dtype, device=device)
+        return matvec(t).detach().to(torch.float64).cpu().numpy()
+
+    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=mv, dtype=np.float64)  # type: ignore[call-arg]
+    start = v0.detach().to(torch.float64).cpu().numpy()
+
+    def solve(which: str, kk: int) -> tuple[np.ndarray, np.ndarray] | None:
+        try:
+            vals, vecs = scipy.sparse.linalg.eigsh(op, k=kk, which=which, tol=tol, v0=start)
+        except (_BudgetExhausted, scipy.sparse.linalg.ArpackNoConvergence):
+            return None
+        return vals, vecs
+
+    top = solve("LA", k)
+    n_top = count if top is not None else None
+    bottom = solve("SA", 1) if want_bottom else None
+    if top is None:
+        vals, vecs = np.full(k, np.nan), np.full((n, k), np.nan)
+    else:
+        order = np.argsort(top[0])[::-1]
+        vals, vecs = top[0][order], top[1][:, order]
+    top_vectors = torch.as_tensor(vecs.T.copy(), dtype=dtype, device=device)
+    min_value, min_vector, converged_min = float("nan"), None, False
+    if want_bottom and bottom is not None:
+        min_value = float(bottom[0][0])
+        min_vector = torch.as_tensor(bottom[1][:, 0].copy(), dtype=dtype, device=device)
+        converged_min = True
+    return _LanczosOutcome(
+        ritz=np.sort(np.concatenate([vals, [min_value]])) if want_bottom else np.sort(vals),
+        top_values=vals,
+        top_vectors=top_vectors,
+        top_residuals=np.full(k, np.nan),  # ARPACK does not report them; not recomputed to keep counts comparable
+        min_value=min_value,
+        min_vector=min_vector,
+        min_residual=float("nan"),
+        converged_top=top is not None,
+        converged_min=converged_min,
+        n_matvec=count,
+        n_matvec_top=n_top,
+    )

@@ -88,7 +88,8 @@ class Objective:
             parameter names (``"fc1.*"``) to analyse a subset.
         hvp: ``"auto"`` (cached gradient graph, finite differences if the model has no double
             backward), ``"cached"``, ``"double_backward"`` (fresh graph per product, lowest memory),
-            ``"forward_over_reverse"`` (``torch.func``) or ``"finite_difference"``.
+            ``"forward_over_reverse"`` (``torch.func``) or ``"finite_difference"``. ``"auto"`` checks
+            once, with two extra products, that double backward runs and is symmetric.
         mode: ``"eval"`` (dropout off, BatchNorm on running statistics: one fixed symmetric
             operator) or ``"batch_stats"`` (BatchNorm on batch statistics over copied buffers).
         batch_size_fn: weight of a batch; default: leading dimension of its first tensor.
@@ -144,6 +145,7 @@ class Objective:
         self._call = _LossCall(model, loss_fn)
         self._cache: tuple[tuple[tuple[int, int], ...], list[Tensor], Tensor] | None = None
         self._fallback_reason: str | None = None
+        self._verified = False
         self.n_hvp = 0
         self.n_grad = 0
         self.n_loss = 0
@@ -298,23 +300,10 @@ class Objective:
     def _local_hvp(self, v: Tensor) -> Tensor:
         engine = self.hvp_engine
         if engine == "auto":
+            if self._fallback_reason is None and not self._verified:
+                self._verify_double_backward()
             if self._fallback_reason is None:
-                try:
-                    return self._hvp_cached(v)
-                except (RuntimeError, NotImplementedError) as err:
-                    if isinstance(err, (torch.OutOfMemoryError, NonFiniteLossError)):
-                        raise
-                    self._cache = None
-                    self._fallback_reason = f"{type(err).__name__}: {err}".splitlines()[0]
-                    warnings.warn(
-                        "double backward failed for this model "
-                        f"({self._fallback_reason}); Hessian-vector products fall back to central finite "
-                        "differences of gradients. They are accurate on smooth models but can be far off across "
-                        "non-smooth points (ReLU kinks, max-pooling). Pass hvp='finite_difference' to choose this "
-                        "explicitly and silence the warning.",
-                        HvpFallbackWarning,
-                        stacklevel=3,
-                    )
+                return self._hvp_cached(v)
             engine = "finite_difference"
         if engine == "cached":
             return self._hvp_cached(v)
@@ -323,6 +312,42 @@ class Objective:
         if engine == "forward_over_reverse":
             return self._hvp_forward_over_reverse(v)
         return self._hvp_finite_difference(v)
+
+    def _verify_double_backward(self) -> None:
+        """Check once that double backward runs and gives a symmetric operator; else fall back.
+
+        Ops without a second derivative either raise, or (``@once_differentiable`` custom
+        functions) are silently cut out of the graph, which leaves a wrong, non-symmetric
+        operator. Two seeded products ``u'Hw`` and ``w'Hu`` tell the two apart (counted in ``n_hvp``).
+        """
+        gen = torch.Generator().manual_seed(2**31 - 1)
+        u, w = (torch.randn(self.num_params, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
+                for _ in range(2))
+        try:
+            hw, hu = self._reduce(self._hvp_cached(w)), self._reduce(self._hvp_cached(u))
+        except (RuntimeError, NotImplementedError) as err:
+            if isinstance(err, (torch.OutOfMemoryError, NonFiniteLossError)):
+                raise
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        else:
+            a, b = float(u @ hw), float(w @ hu)
+            reason = None
+            if abs(a - b) > 0.1 * max(abs(a), abs(b)):
+                reason = (f"the double-backward operator is not symmetric (u'Hw = {a:.4g}, w'Hu = {b:.4g}), so "
+                          "some op's backward is not differentiable (e.g. a @once_differentiable custom function)")
+        finally:
+            self.n_hvp += 2
+        self._verified = True
+        if reason is not None:
+            self._cache = None
+            self._fallback_reason = reason
+            warnings.warn(
+                f"Hessian-vector products fall back to central finite differences of gradients: {reason}. They "
+                "are accurate on smooth models but can be far off across non-smooth points (ReLU kinks, "
+                "max-pooling). Pass hvp='finite_difference' to choose this explicitly and silence the warning.",
+                HvpFallbackWarning,
+                stacklevel=4,
+            )
 
     def _state_key(self) -> tuple[tuple[int, int], ...]:
         tensors = list(self.model.parameters()) + list(self.model.buffers())

@@ -28,9 +28,7 @@ def analysis_mode(model: nn.Module, mode: str = "eval") -> Iterator[None]:
     if mode not in ("eval", "batch_stats"):
         raise ValueError(f"mode must be 'eval' or 'batch_stats', got {mode!r}")
     flags = [(m, m.training) for m in model.modules()]
-    cuda_devices = sorted(
-        {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
-    )
+    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     np_state = np.random.get_state()
     py_state = random.getstate()
     try:

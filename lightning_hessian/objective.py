@@ -140,13 +140,15 @@ class Objective:
         self._weights = [float(size_fn(b)) for b in self.batches]
         if any(w <= 0 for w in self._weights):
             raise ValueError(f"every batch needs a positive size, got {self._weights}")
-        self._total_weight = float(self._reduce(torch.tensor(sum(self._weights), dtype=torch.float64,
-                                                             device=self.device)).item())
+        self._total_weight = float(
+            self._reduce(torch.tensor(sum(self._weights), dtype=torch.float64, device=self.device)).item()
+        )
         self._call = _LossCall(model, loss_fn)
         self._cache: tuple[tuple[tuple[int, int], ...], list[Tensor], Tensor] | None = None
         self._fallback_reason: str | None = None
         self._verified = False
         self.n_hvp = 0
+        self.n_hvp_check = 0
         self.n_grad = 0
         self.n_loss = 0
 
@@ -290,8 +292,10 @@ class Objective:
             if displacement is None:
                 leaves = self._leaves()
             else:
-                leaves = [(p.detach() + d).requires_grad_(True)
-                          for p, d in zip(self._params, unflatten(displacement, self._params))]
+                leaves = [
+                    (p.detach() + d).requires_grad_(True)
+                    for p, d in zip(self._params, unflatten(displacement, self._params))
+                ]
             loss = self._weighted(w, self._batch_loss(self._values(leaves=leaves), batch))
             if loss.requires_grad:
                 total += flatten(self._grads(loss, leaves, create_graph=False))
@@ -318,11 +322,12 @@ class Objective:
 
         Ops without a second derivative either raise, or (``@once_differentiable`` custom
         functions) are silently cut out of the graph, which leaves a wrong, non-symmetric
-        operator. Two seeded products ``u'Hw`` and ``w'Hu`` tell the two apart (counted in ``n_hvp``).
+        operator. Two seeded products ``u'Hw`` and ``w'Hu`` tell the two apart (counted in
+        ``n_hvp_check``, not ``n_hvp``, so that results of repeated calls stay comparable).
         """
         gen = torch.Generator().manual_seed(2**31 - 1)
-        u, w = (torch.randn(self.num_params, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
-                for _ in range(2))
+        u, w = torch.randn(2, self.num_params, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
+        reason: str | None = None
         try:
             hw, hu = self._reduce(self._hvp_cached(w)), self._reduce(self._hvp_cached(u))
         except (RuntimeError, NotImplementedError) as err:
@@ -331,12 +336,13 @@ class Objective:
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
         else:
             a, b = float(u @ hw), float(w @ hu)
-            reason = None
             if abs(a - b) > 0.1 * max(abs(a), abs(b)):
-                reason = (f"the double-backward operator is not symmetric (u'Hw = {a:.4g}, w'Hu = {b:.4g}), so "
-                          "some op's backward is not differentiable (e.g. a @once_differentiable custom function)")
+                reason = (
+                    f"the double-backward operator is not symmetric (u'Hw = {a:.4g}, w'Hu = {b:.4g}), so "
+                    "some op's backward is not differentiable (e.g. a @once_differentiable custom function)"
+                )
         finally:
-            self.n_hvp += 2
+            self.n_hvp_check += 2
         self._verified = True
         if reason is not None:
             self._cache = None
@@ -393,7 +399,7 @@ class Objective:
                 return self._weighted(w, self._batch_loss(self._values(leaves=leaves), batch))
 
             grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(primals))))
-            _, hv = torch.func.jvp(grad_fn, primals, tangents)
+            hv = torch.func.jvp(grad_fn, primals, tangents)[1]
             total += flatten(list(hv))
         return total
 
@@ -407,4 +413,5 @@ class Objective:
         u = v * (step / norm)
         g_plus = self._local_grad(u)
         g_minus = self._local_grad(-u)
-        return (g_plus - g_minus) * (norm / (2.0 * step))
+        hv: Tensor = (g_plus - g_minus) * (norm / (2.0 * step))
+        return hv

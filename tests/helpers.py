@@ -97,8 +97,9 @@ def dict_case(seed: int = 0) -> Case:
     torch.manual_seed(seed)
     model = DictModel()
     x, t = torch.randn(40, 6), torch.randn(40, 2)
-    return Case("dict_batches", model, dict_loss, [{"inputs": x[:25], "targets": t[:25]},
-                                                   {"inputs": x[25:], "targets": t[25:]}])
+    return Case(
+        "dict_batches", model, dict_loss, [{"inputs": x[:25], "targets": t[:25]}, {"inputs": x[25:], "targets": t[25:]}]
+    )
 
 
 ALL_CASES = [tanh_mlp_case, bn_cnn_case, dict_case]
@@ -124,8 +125,11 @@ _DENSE_CACHE: dict[tuple[Any, ...], Tensor] = {}
 
 def dense_hessian(case: Case, names: Sequence[str] | None = None) -> Tensor:
     """Memoised :func:`compute_dense_hessian`, keyed by the case, the names and the parameter values."""
-    key = (case.name, None if names is None else tuple(names),
-           tuple(float(p.detach().double().sum()) for p in case.model.parameters()))
+    key = (
+        case.name,
+        None if names is None else tuple(names),
+        tuple(float(p.detach().double().sum()) for p in case.model.parameters()),
+    )
     if key not in _DENSE_CACHE:
         _DENSE_CACHE[key] = compute_dense_hessian(case, names)
     return _DENSE_CACHE[key]

@@ -73,8 +73,9 @@ def test_losses_at_equals_loss_of_displaced_model() -> None:
     values = obj.losses_at(d)
     for i in range(3):
         moved = copy.deepcopy(case.model)
-        torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(moved.parameters()) + d[i],
-                                            moved.parameters())
+        torch.nn.utils.vector_to_parameters(
+            torch.nn.utils.parameters_to_vector(moved.parameters()) + d[i], moved.parameters()
+        )
         ref = _objective(Case("moved", moved, case.loss_fn, case.batches)).loss()
         assert float(values[i]) == pytest.approx(ref, rel=1e-6)
     assert obj.n_loss == 3
@@ -191,6 +192,7 @@ def test_auto_falls_back_to_finite_differences_with_one_warning() -> None:
     with pytest.warns(HvpFallbackWarning, match="finite differences.*not symmetric.*ReLU kinks"):
         hv = obj.hvp(v)
     assert obj.active_engine == "finite_difference"
+    assert obj.n_hvp == 1 and obj.n_hvp_check == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         obj.hvp(v)  # warned once only

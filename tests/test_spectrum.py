@@ -1,0 +1,201 @@
+"""Extremal eigenpairs against dense float64 spectra and planted closed-form spectra."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import ALL_CASES, QuadraticModel, assert_untouched, dense_hessian, quadratic_loss, snapshot
+from lightning_hessian import EigenResult, Objective, extremal_eigenpairs
+from lightning_hessian.spectrum import lanczos
+
+
+def _dense_spectrum(case) -> np.ndarray:
+    return torch.linalg.eigvalsh(dense_hessian(case)).numpy()
+
+
+@pytest.mark.parametrize("make_case", ALL_CASES)
+def test_lambda_max_and_lambda_min_match_dense_hessian(make_case) -> None:
+    case = make_case()
+    ev = _dense_spectrum(case)
+    assert ev[0] < 0 < ev[-1], "test models must have a saddle (negative curvature)"
+    obj = Objective(case.model, case.loss_fn, case.batches)
+    result = extremal_eigenpairs(obj, max_hvp=300)
+    assert result.converged
+    width = ev[-1] - ev[0]
+    assert result.lambda_max == pytest.approx(ev[-1], rel=1e-4)
+    assert abs(result.lambda_min - ev[0]) <= 1e-3 * width
+    # Evidence: residuals bound the error, vectors are unit eigenvectors of the dense Hessian.
+    h = dense_hessian(case)
+    y = result.eigenvectors[0].double()
+    assert float(y.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert float((h @ y - ev[-1] * y).norm()) <= 1e-3 * abs(ev[-1])
+    assert result.residuals[0] <= 1e-4 * abs(result.lambda_max)
+    assert result.negative_ratio == pytest.approx(-ev[0] / ev[-1], rel=1e-2)
+
+
+@pytest.mark.parametrize("make_case", ALL_CASES)
+def test_cold_lambda_max_within_25_hvps_and_warm_within_10(make_case) -> None:
+    case = make_case()
+    obj = Objective(case.model, case.loss_fn, case.batches)
+    cold = extremal_eigenpairs(obj, which="top")
+    assert cold.converged_max and cold.n_hvp <= 25
+    assert cold.lambda_max == pytest.approx(_dense_spectrum(case)[-1], rel=1e-4)
+    # One small optimizer step, as between two measurements during training.
+    grads = obj.grad()
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(
+            torch.nn.utils.parameters_to_vector(case.model.parameters()) - 0.05 * grads, case.model.parameters()
+        )
+    warm = extremal_eigenpairs(obj, which="top", init=cold)
+    assert warm.converged_max and warm.n_hvp <= 10
+    assert warm.lambda_max == pytest.approx(_dense_spectrum(case)[-1], rel=1e-4)
+    both_warm = extremal_eigenpairs(obj, init=extremal_eigenpairs(obj), seed=1)
+    assert both_warm.n_hvp_top is not None and both_warm.n_hvp_top <= 10
+
+
+def _planted(n: int, seed: int = 0) -> np.ndarray:
+    gen = np.random.default_rng(seed)
+    vals = np.concatenate([gen.uniform(-1.0, -0.01, n // 2), gen.uniform(0.01, 2.0, n - n // 2)])
+    vals[0], vals[-1] = -1.5, 4.0
+    return vals
+
+
+def test_quadratic_saddle_with_half_the_spectrum_negative() -> None:
+    """N = 1200, 600 negative eigenvalues: both ends recovered to the closed form."""
+    vals = _planted(1200)
+    model = QuadraticModel(vals)
+    obj = Objective(model, quadratic_loss, [None])
+    result = extremal_eigenpairs(obj, k=3, max_hvp=400)
+    assert result.converged
+    top3 = np.sort(vals)[::-1][:3]
+    np.testing.assert_allclose(result.eigenvalues, top3, rtol=1e-4)
+    assert abs(result.lambda_min - vals.min()) <= 1e-3 * (vals.max() - vals.min())
+    assert result.lambda_min < 0  # a negative Ritz value certifies negative curvature
+    assert result.eigenvalues == tuple(sorted(result.eigenvalues, reverse=True))
+
+
+def test_positive_definite_hessian_reports_smallest_positive_eigenvalue() -> None:
+    vals = np.linspace(0.5, 3.0, 400)
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    result = extremal_eigenpairs(obj, max_hvp=300)
+    assert result.converged
+    assert result.lambda_min == pytest.approx(0.5, abs=1e-3 * 2.5)
+    assert result.negative_ratio == 0.0
+
+
+def test_thick_restart_with_small_basis_still_converges() -> None:
+    vals = _planted(1000, seed=3)
+    obj = Objective(QuadraticModel(vals, seed=3), quadratic_loss, [None])
+    result = extremal_eigenpairs(obj, max_hvp=600, max_basis=24)
+    assert result.converged
+    assert result.lambda_max == pytest.approx(vals.max(), rel=1e-4)
+    assert abs(result.lambda_min - vals.min()) <= 1e-3 * (vals.max() - vals.min())
+
+
+def test_budget_exhaustion_is_reported_not_hidden() -> None:
+    vals = _planted(1000)
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    result = extremal_eigenpairs(obj, max_hvp=8)
+    assert result.n_hvp == 8
+    assert not result.converged
+    assert not result.converged_min
+    assert result.residual_min > 1e-4 * (vals.max() - vals.min())
+
+
+def test_results_are_deterministic_for_a_seed() -> None:
+    vals = _planted(500)
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    a, b = extremal_eigenpairs(obj, seed=5), extremal_eigenpairs(obj, seed=5)
+    assert a.lambda_max == b.lambda_max and a.lambda_min == b.lambda_min and a.n_hvp == b.n_hvp
+    assert torch.equal(a.eigenvectors, b.eigenvectors)
+
+
+def test_arpack_reference_solver_agrees() -> None:
+    vals = _planted(600)
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    ours = extremal_eigenpairs(obj, max_hvp=400)
+    ref = extremal_eigenpairs(obj, solver="arpack", max_hvp=3000)
+    assert ref.converged
+    assert ref.lambda_max == pytest.approx(vals.max(), rel=1e-4)
+    assert ref.lambda_min == pytest.approx(vals.min(), rel=1e-4)
+    assert ours.n_hvp < ref.n_hvp
+
+
+def test_warm_start_from_an_exact_eigenvector_still_finds_both_ends() -> None:
+    """An invariant start space (exact breakdown) must not end the search at the wrong values."""
+    vals = _planted(300)
+    model = QuadraticModel(vals)
+    obj = Objective(model, quadratic_loss, [None])
+    first = extremal_eigenpairs(obj)
+    a = model.a
+    second_vec = torch.linalg.eigh(a).eigenvectors[:, 5]  # an interior eigenvector
+    result = extremal_eigenpairs(obj, init=second_vec, max_hvp=300)
+    assert result.lambda_max == pytest.approx(first.lambda_max, rel=1e-4)
+    assert result.lambda_min == pytest.approx(first.lambda_min, rel=1e-3)
+
+
+def test_no_side_effects_on_the_model() -> None:
+    case = ALL_CASES[1]()
+    case.model.train()
+    before = snapshot(case.model)
+    obj = Objective(case.model, case.loss_fn, case.batches)
+    extremal_eigenpairs(obj)
+    extremal_eigenpairs(obj, solver="arpack")
+    assert_untouched(before, case.model)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, "k must be a positive integer"),
+        ({"tol": 0.0}, "tol must be positive"),
+        ({"max_hvp": 1}, "max_hvp must be an integer of at least"),
+        ({"which": "bottom"}, "which must be 'both' or 'top'"),
+        ({"solver": "lobpcg"}, "solver must be 'lanczos' or 'arpack'"),
+        ({"max_basis": 3}, "max_basis must be an integer of at least"),
+        ({"init": torch.ones(3)}, "init has 3 entries"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, message: str) -> None:
+    obj = Objective(QuadraticModel(_planted(50)), quadratic_loss, [None])
+    with pytest.raises(ValueError, match=message):
+        extremal_eigenpairs(obj, **kwargs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(min_value=40, max_value=250),
+    seed=st.integers(min_value=0, max_value=10_000),
+    neg_fraction=st.floats(min_value=0.0, max_value=1.0),
+)
+def test_lanczos_on_planted_spectra(n: int, seed: int, neg_fraction: float) -> None:
+    """Property: whatever the spectrum, converged values are within their residual bounds of the truth."""
+    gen = np.random.default_rng(seed)
+    vals = gen.uniform(0.01, 1.0, n) * np.where(gen.uniform(size=n) < neg_fraction, -1.0, 1.0)
+    q, _ = np.linalg.qr(gen.standard_normal((n, n)))
+    a = torch.tensor((q * vals) @ q.T)
+    a = (a + a.T) / 2
+    v0 = torch.tensor(gen.standard_normal(n))
+    out = lanczos(lambda v: a @ v, v0, k=2, tol=1e-8, max_matvec=n + 5)
+    true = np.sort(vals)
+    # Cauchy interlacing: Ritz values lie inside the spectrum.
+    assert out.ritz[0] >= true[0] - 1e-9 and out.ritz[-1] <= true[-1] + 1e-9
+    if out.converged_top:
+        np.testing.assert_allclose(out.top_values, true[::-1][:2], atol=1e-7 * np.abs(true).max() + 1e-12)
+    if out.converged_min:
+        assert abs(out.min_value - true[0]) <= 1e-7 * (true[-1] - true[0]) + 1e-12
+    assert out.converged_top and out.converged_min  # a full Krylov space always converges
+
+
+def test_result_is_a_frozen_record_with_evidence() -> None:
+    obj = Objective(QuadraticModel(_planted(80)), quadratic_loss, [None])
+    result = extremal_eigenpairs(obj, k=2)
+    assert isinstance(result, EigenResult)
+    assert result.eigenvectors.shape == (2, 80) and result.vector_min is not None
+    assert len(result.residuals) == 2 and result.n_hvp > 0 and result.seconds >= 0
+    with pytest.raises(AttributeError):
+        result.lambda_max = 0.0  # type: ignore[misc]

@@ -1,0 +1,129 @@
+"""Trace estimators against exact traces (dense Hessians, closed forms) and their standard errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ALL_CASES, QuadraticModel, assert_untouched, dense_hessian, quadratic_loss, snapshot, tanh_mlp_case
+from lightning_hessian import Objective, TraceEstimate, hutchinson_trace, slope_fit_trace
+
+
+@pytest.mark.parametrize("make_case", ALL_CASES)
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+def test_trace_and_trace_of_square_within_three_standard_errors(make_case, method: str) -> None:
+    case = make_case()
+    h = dense_hessian(case)
+    exact, exact_sq = float(h.trace()), float((h * h).sum())
+    obj = Objective(case.model, case.loss_fn, case.batches, hvp="cached")
+    est = hutchinson_trace(obj, n=99, method=method, seed=1)
+    assert est.n_hvp == 99 and est.method == method
+    assert 0 < est.stderr < abs(exact)
+    assert abs(est.value - exact) <= 3 * est.stderr
+    assert abs(est.trace_sq - exact_sq) <= 3 * est.trace_sq_stderr
+    assert est.mean_curvature(obj.num_params) == pytest.approx(est.value / h.shape[0])
+
+
+def test_hutch_plus_plus_is_exact_when_the_budget_covers_the_rank() -> None:
+    """A rank-10 Hessian is captured by the sketch: no variance left."""
+    vals = np.zeros(300)
+    vals[:10] = np.linspace(1.0, 5.0, 10)
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    est = hutchinson_trace(obj, n=36, method="hutch++")
+    assert est.value == pytest.approx(vals.sum(), rel=1e-8)
+    assert est.trace_sq == pytest.approx((vals**2).sum(), rel=1e-8)
+    assert est.stderr < 1e-8
+
+
+def test_hutch_plus_plus_beats_hutchinson_when_few_eigenvalues_dominate() -> None:
+    vals = np.concatenate([np.full(5, 50.0), np.random.default_rng(0).uniform(-0.1, 0.1, 995)])
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    errs = {m: [] for m in ("hutch++", "hutchinson")}
+    for seed in range(5):
+        for m in errs:
+            errs[m].append(abs(hutchinson_trace(obj, n=30, method=m, seed=seed).value - vals.sum()))
+    assert np.mean(errs["hutch++"]) < 0.2 * np.mean(errs["hutchinson"])
+
+
+def test_hutchinson_is_unbiased_over_seeds() -> None:
+    """The mean of many independent estimates converges to the closed-form trace."""
+    vals = np.random.default_rng(1).uniform(-1.0, 2.0, 200)
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    ests = [hutchinson_trace(obj, n=10, method="hutchinson", seed=s) for s in range(60)]
+    values = np.array([e.value for e in ests])
+    assert abs(values.mean() - vals.sum()) <= 4 * values.std(ddof=1) / np.sqrt(len(values))
+
+
+def test_slope_fit_on_a_smooth_tanh_network_within_three_standard_errors() -> None:
+    case = tanh_mlp_case()
+    exact = float(dense_hessian(case).trace())
+    obj = Objective(case.model, case.loss_fn, case.batches)
+    est = slope_fit_trace(obj, n_directions=60, seed=2)
+    assert est.n_hvp == 0 and obj.n_hvp == 0  # forward passes only
+    assert abs(est.value - exact) <= 3 * est.stderr
+    assert 1e-3 < est.radius < 10
+    # n_directions * (n_points - 1) fit points, the centre, and the radius search.
+    assert est.n_loss >= 60 * 4 + 1
+
+
+def test_slope_fit_is_exact_on_a_quadratic_for_any_radius() -> None:
+    vals = np.random.default_rng(2).uniform(-1.0, 2.0, 150)
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    for radius in (0.01, 1.0, 5.0):
+        est = slope_fit_trace(obj, n_directions=400, radius=radius, seed=0)
+        # Each direction's curvature is exact (float64 quadratic); the spread is the Gaussian variance 2 tr(H^2).
+        assert abs(est.value - vals.sum()) <= 3 * est.stderr
+        assert est.stderr == pytest.approx(np.sqrt(2 * (vals**2).sum() / 400), rel=0.25)
+
+
+def test_estimators_leave_the_model_untouched() -> None:
+    case = ALL_CASES[1]()
+    case.model.train()
+    before = snapshot(case.model)
+    obj = Objective(case.model, case.loss_fn, case.batches)
+    hutchinson_trace(obj, n=9)
+    slope_fit_trace(obj, n_directions=3)
+    assert_untouched(before, case.model)
+
+
+def test_probes_are_streamed_not_held() -> None:
+    """Peak extra memory is the sketch (n/3 vectors), not all n probes: checked via the objective's inputs."""
+    vals = np.linspace(-1, 2, 500)
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    seen: list[int] = []
+    original = obj.hvp
+
+    def recording_hvp(v: torch.Tensor) -> torch.Tensor:
+        seen.append(id(v))
+        return original(v)
+
+    obj.hvp = recording_hvp  # type: ignore[method-assign]
+    est = hutchinson_trace(obj, n=30, method="hutchinson")
+    assert est.n_samples == 30 and len(seen) == 30
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda o: hutchinson_trace(o, n=2), "n must be an integer >= 3"),
+        (lambda o: hutchinson_trace(o, method="xtrace"), "method must be 'hutch\\+\\+' or 'hutchinson'"),
+        (lambda o: slope_fit_trace(o, n_points=4), "n_points must be an odd integer >= 3"),
+        (lambda o: slope_fit_trace(o, radius=-1.0), "radius must be a positive finite number"),
+        (lambda o: slope_fit_trace(o, n_directions=1), "n_directions must be an integer >= 2"),
+    ],
+)
+def test_bad_arguments_are_refused(call, message: str) -> None:
+    obj = Objective(QuadraticModel(np.ones(20)), quadratic_loss, [None])
+    with pytest.raises(ValueError, match=message):
+        call(obj)
+
+
+def test_estimate_is_deterministic_for_a_seed() -> None:
+    obj = Objective(QuadraticModel(np.linspace(-1, 1, 100)), quadratic_loss, [None])
+    h1, h2 = hutchinson_trace(obj, seed=3), hutchinson_trace(obj, seed=3)
+    assert (h1.value, h1.stderr, h1.trace_sq) == (h2.value, h2.stderr, h2.trace_sq)
+    assert hutchinson_trace(obj, seed=4).value != h1.value
+    a, b = slope_fit_trace(obj, seed=4), slope_fit_trace(obj, seed=4)
+    assert (a.value, a.stderr, a.radius) == (b.value, b.stderr, b.radius)
+    assert isinstance(a, TraceEstimate)

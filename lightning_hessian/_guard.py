@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -47,8 +48,12 @@ def analysis_mode(model: nn.Module, mode: str = "eval") -> Iterator[None]:
 
 
 def _eager_stance() -> contextlib.AbstractContextManager[None]:
-    """``torch.compiler.set_stance("force_eager")`` where available, else a no-op."""
+    """``torch.compiler.set_stance("force_eager")`` when anything may be compiled, else a no-op.
+
+    Nothing can be compiled before ``torch._dynamo`` is imported, and importing it costs about a
+    second, so eager-only programs skip it.
+    """
     set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None:  # pragma: no cover - torch < 2.6
+    if set_stance is None or "torch._dynamo" not in sys.modules:  # pragma: no cover - torch < 2.6
         return contextlib.nullcontext()
     return set_stance("force_eager")  # type: ignore[no-any-return]

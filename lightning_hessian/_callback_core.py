@@ -1,0 +1,385 @@
+"""HessianMonitor's logic, shared by the ``pytorch_lightning`` and ``lightning.pytorch`` flavours.
+
+Imports neither Lightning package: everything Lightning-specific is reached through the
+``trainer`` and ``pl_module`` the hooks receive. The callback decides *when* to measure (one
+overridable predicate, :meth:`should_measure`), *on what* (a fixed probe set), runs
+:func:`lightning_hessian.measure.measure` and hands the numbers to the sinks.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_hessian import sinks
+from lightning_hessian._probe import detached_copy, load_probe_dataloader, resolve_loss_fn, to_cpu, to_device
+from lightning_hessian.measure import QUANTITIES, MeasureConfig, Measurement, measure
+from lightning_hessian.objective import HvpEngine, Objective
+from lightning_hessian.spectrum import EigenResult
+
+_SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+_STATE_VERSION = 1
+
+
+class _HessianMonitorCore:
+    """Measure Hessian eigenvalues and traces of the training loss while a model trains.
+
+    Measurements run after optimizer steps on a fixed probe set, never touch training (weights,
+    gradients, BatchNorm statistics, RNG streams and module modes are left bit-identical), and are
+    logged at ``trainer.global_step`` to every logger as ``{prefix}/lambda_max``,
+    ``{prefix}/lambda_min``, ``{prefix}/negative_ratio``, ``{prefix}/trace``,
+    ``{prefix}/mean_curvature``, ``{prefix}/hvp_count``, ``{prefix}/seconds`` and more.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (``None``: not on a step schedule).
+        every_n_epochs: measure at the end of every this many training epochs (``None``: never).
+        at_fit_start: measure before the first optimizer step (or at the resumed step).
+        at_fit_end: measure when training ends.
+        quantities: any of ``"eigenvalues"`` (lambda_max and the top ``k``), ``"lambda_min"`` (the
+            most negative eigenvalue, from the same Lanczos run), ``"trace"`` (Hutch++) and
+            ``"slope_fit"`` (the HVP-free trace estimate).
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar Tensor``; a module-level function (so that it
+            pickles for ``ddp_spawn`` and reloads from a LightningCLI config). Default: the module's
+            ``hessian_loss(batch)`` if it has one, else its ``training_step`` with logging silenced
+            (automatic optimization only).
+        probe_dataloader: batches that define the probe set; they go through the training batch
+            pipeline and are split across processes. Default: the first ``probe_batches`` batches
+            the training loop sees, captured without disturbing it.
+        probe_batches: number of training batches captured as the probe set.
+        params: glob or list of globs on parameter names restricting the Hessian to those
+            parameters (default: every trainable parameter).
+        k: number of top eigenvalues (``lambda_2``... are logged too).
+        tol: Lanczos residual tolerance (relative to lambda_max; to the spectral width for lambda_min).
+        max_hvp: Lanczos budget of Hessian-vector products per measurement.
+        trace_method: ``"hutch++"`` or ``"hutchinson"``.
+        trace_hvp: HVP budget of the trace estimate.
+        slope_directions: directions of the slope-fit trace.
+        hvp: HVP engine of :class:`lightning_hessian.Objective` (``"auto"``, ``"cached"``, ...).
+        mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"batch_stats"``.
+        seed: seeds every random vector; the same for every measurement so curves are comparable.
+        max_overhead: skip a measurement when the time spent measuring would exceed this fraction
+            of the training time so far (the skip is logged); ``None`` for no budget.
+        prefix: metric namespace (distinct prefixes let several monitors coexist).
+        on_error: ``"warn"``: a failing measurement becomes one warning and a skipped metric;
+            ``"raise"``: re-raise it.
+        allow_untested: run under strategies other than single-device and DDP (FSDP, DeepSpeed,
+            ...) instead of refusing them at setup.
+
+    Attributes:
+        last_measurement: the latest :class:`lightning_hessian.measure.Measurement` (or ``None``).
+        history: every measurement's metrics with its ``step`` and ``epoch``.
+
+    Raises:
+        ValueError: at construction for invalid arguments; at setup for an unsupported strategy
+            or a manual-optimization module without ``loss_fn`` or ``hessian_loss``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        at_fit_start: bool = True,
+        at_fit_end: bool = True,
+        quantities: Sequence[str] = ("eigenvalues", "lambda_min", "trace"),
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        probe_dataloader: Iterable[Any] | None = None,
+        probe_batches: int = 4,
+        params: str | Sequence[str] | None = None,
+        k: int = 1,
+        tol: float = 1e-4,
+        max_hvp: int = 100,
+        trace_method: Literal["hutch++", "hutchinson"] = "hutch++",
+        trace_hvp: int = 30,
+        slope_directions: int = 20,
+        hvp: HvpEngine = "auto",
+        mode: Literal["eval", "batch_stats"] = "eval",
+        seed: int = 0,
+        max_overhead: float | None = None,
+        prefix: str = "hessian",
+        on_error: Literal["warn", "raise"] = "warn",
+        allow_untested: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if isinstance(quantities, str):
+            raise ValueError(f"quantities must be a list of names from {QUANTITIES}, not the string {quantities!r}")
+        if not isinstance(probe_batches, int) or probe_batches < 1:
+            raise ValueError(f"probe_batches must be a positive integer, got {probe_batches!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(pl_module, batch), got {loss_fn!r}")
+        if hvp not in ("auto", "cached", "double_backward", "forward_over_reverse", "finite_difference"):
+            raise ValueError(
+                f"hvp must be 'auto', 'cached', 'double_backward', 'forward_over_reverse' or "
+                f"'finite_difference', got {hvp!r}"
+            )
+        if mode not in ("eval", "batch_stats"):
+            raise ValueError(f"mode must be 'eval' or 'batch_stats', got {mode!r}")
+        if max_overhead is not None and not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
+            raise ValueError(f"max_overhead must be a positive fraction of training time or None, got {max_overhead!r}")
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
+            raise ValueError(f"prefix must be a non-empty string without a trailing '/', got {prefix!r}")
+        self.config = MeasureConfig(
+            quantities=tuple(quantities),
+            k=k,
+            tol=tol,
+            max_hvp=max_hvp,
+            trace_method=trace_method,
+            trace_hvp=trace_hvp,
+            slope_directions=slope_directions,
+            seed=seed,
+        )
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.at_fit_start = at_fit_start
+        self.at_fit_end = at_fit_end
+        self.loss_fn = loss_fn
+        self.probe_dataloader = probe_dataloader
+        self.probe_batches = probe_batches
+        self.params = params
+        self.hvp = hvp
+        self.mode = mode
+        self.max_overhead = max_overhead
+        self.prefix = prefix
+        self.on_error = on_error
+        self.allow_untested = allow_untested
+        self.last_measurement: Measurement | None = None
+        self.history: list[dict[str, float]] = []
+        # Resumable state (state_dict).
+        self._last_step = 0  # step of the last slot of the every_n_steps schedule
+        self._last_measured_step = -1
+        self._n_skipped = 0
+        self._n_failed = 0
+        self._probe: list[Any] = []  # this process's probe batches, on the module's device
+        self._probe_from_training = False
+        self._warm: EigenResult | Tensor | None = None
+        self._warm_names: list[str] | None = None
+        # Per-fit bookkeeping.
+        self._objective: Objective | None = None
+        self._objective_names: list[str] = []
+        self._loss: Callable[[Any, Any], Tensor] | None = None
+        self._fit_started_at = 0.0
+        self._measure_seconds = 0.0
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)  # type: ignore[attr-defined,no-any-return]
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Validate the strategy and the probe loss before anything runs (fit only)."""
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if strategy not in _SUPPORTED_STRATEGIES:
+            message = (
+                f"HessianMonitor supports single-device and DDP training (strategies {_SUPPORTED_STRATEGIES}); "
+                f"got {strategy}. Sharded or model-parallel strategies need a full-parameter HVP that is not "
+                "implemented. Pass allow_untested=True to run anyway at your own risk."
+            )
+            if not self.allow_untested:
+                raise ValueError(message)
+            rank_zero_warn(message)
+        self._loss = resolve_loss_fn(self.loss_fn, pl_module)
+        dtypes = {p.dtype for p in pl_module.parameters() if p.requires_grad}
+        if dtypes & {torch.float16, torch.bfloat16}:
+            rank_zero_warn(
+                f"HessianMonitor: parameters are {sorted(map(str, dtypes))}; Hessian-vector products "
+                "in half precision are noisy (mixed precision keeps float32 weights and is fine)."
+            )
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fit_started_at = time.perf_counter()
+        self._measure_seconds = 0.0
+        self._objective = None
+        if self.probe_dataloader is not None:
+            self._probe = load_probe_dataloader(self.probe_dataloader, trainer, pl_module)
+            self._probe_from_training = False
+        elif self._probe:
+            self._probe = [to_device(b, pl_module.device) for b in self._probe]  # restored from a checkpoint
+        if trainer.is_global_zero:
+            monitors = [c for c in trainer.callbacks if isinstance(c, _HessianMonitorCore)]
+            if monitors and monitors[0] is self:
+                sinks.write_tensorboard_layout(trainer.loggers, [m.prefix for m in monitors])
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.at_fit_start and self._probe_complete():
+            self._measure(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.probe_dataloader is not None or self._probe_complete():
+            return
+        self._probe.append(detached_copy(batch))
+        self._probe_from_training = True
+        if self._probe_complete() and self.at_fit_start:
+            self._measure(trainer, pl_module)  # before this batch's update: the start of training
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps is not None and step > self._last_step and self.should_measure(trainer, step=step):
+            self._last_step = step
+            self._measure(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.every_n_epochs is not None and self.should_measure(trainer, epoch=trainer.current_epoch):
+            self._measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.at_fit_end:
+            self._measure(trainer, pl_module)
+        self._objective = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._objective = None
+
+    def should_measure(self, trainer: Any, step: int | None = None, epoch: int | None = None) -> bool:
+        """The scheduling predicate: override it for another schedule.
+
+        Called with ``step`` after an optimizer step (only when the step advanced) and with
+        ``epoch`` at the end of a training epoch. Measurements never repeat a step.
+        """
+        if step is not None:
+            return self.every_n_steps is not None and step - self._last_step >= self.every_n_steps
+        if epoch is not None:
+            return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        warm = self._warm
+        if isinstance(warm, EigenResult):
+            parts = [*warm.eigenvectors, *([] if warm.vector_min is None else [warm.vector_min])]
+            warm = torch.stack(parts).sum(0)
+        return {
+            "version": _STATE_VERSION,
+            "last_step": self._last_step,
+            "last_measured_step": self._last_measured_step,
+            "n_skipped": self._n_skipped,
+            "n_failed": self._n_failed,
+            "warm_start": None if warm is None else warm.detach().cpu(),
+            "warm_start_params": self._warm_names,
+            "probe": [to_cpu(b) for b in self._probe] if self._probe_from_training else [],
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict["last_step"])
+        self._last_measured_step = int(state_dict["last_measured_step"])
+        self._n_skipped = int(state_dict.get("n_skipped", 0))
+        self._n_failed = int(state_dict.get("n_failed", 0))
+        self._warm = state_dict.get("warm_start")
+        self._warm_names = state_dict.get("warm_start_params")
+        self._probe = list(state_dict.get("probe", []))
+        self._probe_from_training = bool(self._probe)
+        self.history = list(state_dict.get("history", []))
+
+    # ------------------------------------------------------------------ measuring
+    def _probe_complete(self) -> bool:
+        if self.probe_dataloader is not None:
+            return bool(self._probe)
+        return len(self._probe) >= self.probe_batches
+
+    def _make_objective(self, trainer: Any, pl_module: Any) -> Objective:
+        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        if self._objective is None or self._objective_names != names:
+            all_reduce = None
+            if int(trainer.world_size) > 1:
+                strategy = trainer.strategy
+
+                def all_reduce(t: Tensor) -> Tensor:
+                    return strategy.reduce(t, reduce_op="sum")  # type: ignore[no-any-return]
+
+            assert self._loss is not None
+            self._objective = Objective(
+                pl_module,
+                self._loss,
+                self._probe,
+                params=self.params,
+                hvp=self.hvp,
+                mode=self.mode,
+                all_reduce_sum=all_reduce,
+            )
+            self._objective_names = names
+        return self._objective
+
+    def _within_budget(self, trainer: Any) -> bool:
+        """Rank zero decides (wall clocks differ across ranks), every rank follows."""
+        ok = True
+        if self.max_overhead is not None and self.last_measurement is not None:
+            predicted = self.last_measurement.metrics.get("seconds", 0.0)
+            training = time.perf_counter() - self._fit_started_at - self._measure_seconds
+            ok = self._measure_seconds + predicted <= self.max_overhead * max(training, 0.0)
+        return bool(trainer.strategy.broadcast(ok, src=0))
+
+    def _learning_rate(self, trainer: Any) -> float | None:
+        optimizers = getattr(trainer, "optimizers", [])
+        if len(optimizers) == 1 and len(optimizers[0].param_groups) == 1:
+            lr = optimizers[0].param_groups[0].get("lr")
+            return float(lr) if isinstance(lr, (int, float)) else None
+        return None
+
+    def _measure(self, trainer: Any, pl_module: Any) -> None:
+        step = int(trainer.global_step)
+        if trainer.sanity_checking or step == self._last_measured_step or not self._probe_complete():
+            return
+        if not self._within_budget(trainer):
+            self._n_skipped += 1
+            rank_zero_info(
+                f"HessianMonitor({self.prefix}): skipped the measurement at step {step}: it would push "
+                f"the measuring time past max_overhead={self.max_overhead} of the training time "
+                f"({self._n_skipped} skipped so far)"
+            )
+            if trainer.is_global_zero:
+                sinks.log_scalars(trainer.loggers, {f"{self.prefix}/skipped_total": self._n_skipped}, step)
+            return
+        started = time.perf_counter()
+        try:
+            objective = self._make_objective(trainer, pl_module)
+            warm = self._warm if self._warm_names == objective.param_names else None
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+                result = measure(objective, self.config, warm_start=warm, learning_rate=self._learning_rate(trainer))
+        except Exception as err:
+            self._n_failed += 1
+            if self.on_error == "raise":
+                raise
+            rank_zero_warn(
+                f"HessianMonitor({self.prefix}): the measurement at step {step} failed and was skipped "
+                f"({type(err).__name__}: {err}); training goes on. Pass on_error='raise' to stop instead."
+            )
+            self._objective = None
+            return
+        finally:
+            self._measure_seconds += time.perf_counter() - started
+        self._last_measured_step = step
+        if result.eigen is not None:
+            self._warm, self._warm_names = result.eigen, objective.param_names
+        self.last_measurement = result
+        record = {"step": float(step), "epoch": float(trainer.current_epoch), **result.metrics}
+        self.history.append(record)
+        if trainer.is_global_zero:
+            metrics = {f"{self.prefix}/{k}": v for k, v in result.metrics.items()}
+            metrics[f"{self.prefix}/num_params"] = float(result.num_params)
+            sinks.log_scalars(trainer.loggers, metrics, step)
+            self._write_files(trainer, result, record)
+
+    def _write_files(self, trainer: Any, result: Measurement, record: dict[str, float]) -> None:
+        """Append the measurement, spectrum included, to ``<run dir>/hessian/<prefix>.jsonl``.
+
+        Plain data next to the logs, so curves can be re-plotted later without re-measuring; a
+        resumed run appends to the same file.
+        """
+        entry: dict[str, Any] = dict(record)
+        if result.eigen is not None:
+            entry["eigenvalues"] = list(result.eigen.eigenvalues)
+            entry["ritz_values"] = list(result.eigen.ritz_values)
+        name = self.prefix.replace("/", "_") + ".jsonl"
+        sinks.append_jsonl(sinks.run_directory(trainer.loggers, trainer.default_root_dir) / "hessian" / name, entry)

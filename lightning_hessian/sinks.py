@@ -1,0 +1,79 @@
+"""Where measurements go: scalars to every Lightning logger, a TensorBoard chart layout, files in the run dir.
+
+Loggers are recognised by class name, so the same code serves ``pytorch_lightning`` and
+``lightning.pytorch``. Only rank zero calls these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def log_scalars(loggers: Iterable[Any], metrics: dict[str, float], step: int) -> None:
+    """Send finite and non-finite scalars alike to every logger at ``step`` (``trainer.global_step``)."""
+    clean = {k: float(v) for k, v in metrics.items()}
+    for logger in loggers:
+        logger.log_metrics(clean, step=step)
+
+
+def is_tensorboard(logger: Any) -> bool:
+    return type(logger).__name__ == "TensorBoardLogger" and hasattr(logger.experiment, "add_custom_scalars")
+
+
+def tensorboard_layout(prefixes: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+    """Custom-scalars layout: eigenvalues on one chart, the trace with its +-2 standard-error band."""
+    charts: dict[str, list[Any]] = {}
+    for p in prefixes:
+        q = re.escape(p)
+        charts[f"{p}: extremal eigenvalues"] = [
+            "Multiline",
+            [f"^{q}/lambda_max$", f"^{q}/lambda_min$", f"^{q}/lambda_[0-9]+$"],
+        ]
+        charts[f"{p}: trace (+-2 stderr)"] = ["Margin", [f"{p}/trace", f"{p}/trace_lower", f"{p}/trace_upper"]]
+        charts[f"{p}: saddle signal"] = [
+            "Multiline",
+            [f"^{q}/negative_ratio$", f"^{q}/random_plane_saddle_probability$"],
+        ]
+        charts[f"{p}: traces compared"] = ["Multiline", [f"^{q}/trace$", f"^{q}/trace_slope_fit$"]]
+        charts[f"{p}: cost"] = ["Multiline", [f"^{q}/hvp_count$", f"^{q}/seconds$"]]
+    return {"Hessian": charts}
+
+
+def write_tensorboard_layout(loggers: Iterable[Any], prefixes: Sequence[str]) -> None:
+    """Write one merged layout per TensorBoard run (the plugin reads a single layout per run)."""
+    for logger in loggers:
+        if is_tensorboard(logger):
+            logger.experiment.add_custom_scalars(tensorboard_layout(prefixes))
+
+
+def run_directory(loggers: Sequence[Any], default_root_dir: str) -> Path:
+    """The first logger's ``log_dir`` (where TensorBoard/CSV write), else the trainer's root dir."""
+    for logger in loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if isinstance(log_dir, str) and log_dir:
+            return Path(log_dir)
+    return Path(default_root_dir)
+
+
+def append_jsonl(path: Path, entry: dict[str, Any]) -> None:
+    """Append one JSON record as a line, written in one call; non-finite floats become ``null``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(_finite_or_none(entry)) + "\n"
+    with open(path, "a") as fh:
+        fh.write(line)
+        fh.flush()
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value

@@ -91,8 +91,15 @@ def measure(
     ``learning_rate``, the SGD stability indicator ``lr * lambda_max`` is added (a quadratic model
     diverges under plain gradient descent once it exceeds 2).
     """
+    with objective.session():
+        return _measure(objective, config, warm_start, learning_rate)
+
+
+def _measure(
+    objective: Objective, config: MeasureConfig, warm_start: EigenResult | Tensor | None, learning_rate: float | None
+) -> Measurement:
     start = time.perf_counter()
-    hvp_before, loss_before = objective.n_hvp, objective.n_loss
+    hvp_before, loss_before = objective.n_hvp + objective.n_hvp_check, objective.n_loss
     metrics: dict[str, float] = {}
     eigen = trace = slope = None
     n = objective.num_params
@@ -134,7 +141,7 @@ def measure(
         metrics["trace_slope_fit_stderr"] = slope.stderr
         if "mean_curvature" not in metrics:
             metrics["mean_curvature"] = slope.value / n
-    metrics["hvp_count"] = float(objective.n_hvp - hvp_before)
+    metrics["hvp_count"] = float(objective.n_hvp + objective.n_hvp_check - hvp_before)
     metrics["loss_evaluations"] = float(objective.n_loss - loss_before)
     metrics["seconds"] = time.perf_counter() - start
     return Measurement(metrics=metrics, eigen=eigen, trace=trace, slope_fit=slope, num_params=n)

@@ -7,9 +7,10 @@ global RNG streams (see :mod:`lightning_hessian._guard`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -147,6 +148,9 @@ class Objective:
         self._cache: tuple[tuple[tuple[int, int], ...], list[Tensor], Tensor] | None = None
         self._fallback_reason: str | None = None
         self._verified = False
+        self._deferred = False
+        self._session_depth = 0
+        self._session_key: tuple[tuple[int, int], ...] | None = None
         self.n_hvp = 0
         self.n_hvp_check = 0
         self.n_grad = 0
@@ -182,7 +186,7 @@ class Objective:
     # ------------------------------------------------------------------ public operations
     def loss(self) -> float:
         """Objective value at the current parameters; raises :class:`NonFiniteLossError` if not finite."""
-        with analysis_mode(self.model, self.mode), torch.no_grad():
+        with self.session(), torch.no_grad():
             value = self._reduce(self._local_losses([None]))[0] / self._total_weight
         self.n_loss += 1
         result = float(value.item())
@@ -192,7 +196,7 @@ class Objective:
 
     def grad(self) -> Tensor:
         """Gradient of the objective at the current parameters, as a flat vector."""
-        with analysis_mode(self.model, self.mode):
+        with self.session():
             g = self._local_grad(None)
         self.n_grad += 1
         g = self._reduce(g)
@@ -205,7 +209,7 @@ class Objective:
         if v.shape != (self.num_params,):
             raise ValueError(f"v must have shape ({self.num_params},), got {tuple(v.shape)}")
         v = v.to(device=self.device, dtype=self.dtype)
-        with analysis_mode(self.model, self.mode):
+        with self.session():
             hv = self._local_hvp(v)
         self.n_hvp += 1
         return self._reduce(hv)
@@ -217,7 +221,7 @@ class Objective:
         size fit in memory. Non-finite losses are returned as they are (never raised), so that a
         landscape can show where the loss diverges. Costs one forward pass of the probe set per point.
         """
-        with analysis_mode(self.model, self.mode), torch.no_grad():
+        with self.session(), torch.no_grad():
             local = self._local_losses(displacements)
         values = self._reduce(local) / self._total_weight
         self.n_loss += int(values.numel())
@@ -226,6 +230,59 @@ class Objective:
     def release(self) -> None:
         """Drop the cached gradient graph (it is rebuilt on the next HVP if needed)."""
         self._cache = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Enter the analysis mode once for many operations (what every algorithm here does).
+
+        Inside a session the model's modes, grad mode and RNG streams are set up once rather than
+        per product, and the parameters are assumed not to change; on exit everything is
+        restored. Sessions nest.
+        """
+        if self._session_depth > 0:
+            self._session_depth += 1
+            try:
+                yield
+            finally:
+                self._session_depth -= 1
+            return
+        with analysis_mode(self.model, self.mode):
+            self._session_depth = 1
+            self._session_key = None
+            try:
+                yield
+            finally:
+                self._session_depth = 0
+                self._session_key = None
+
+    @property
+    def needs_symmetry_check(self) -> bool:
+        """True until ``hvp="auto"`` has verified (or given up on) double backward for this objective."""
+        return self.hvp_engine == "auto" and self._fallback_reason is None and not self._verified
+
+    @contextlib.contextmanager
+    def deferred_symmetry_check(self) -> Iterator[None]:
+        """Let the caller verify symmetry from its own products (Lanczos gets it for free).
+
+        The caller must then call :meth:`confirm_symmetry`. Errors raised by double backward
+        still trigger the fallback at once.
+        """
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+
+    def confirm_symmetry(self, a: float, b: float) -> bool:
+        """Record the check ``u'Hw == w'Hu`` done by a caller; fall back (with a warning) if it fails."""
+        if abs(a - b) > 0.1 * max(abs(a), abs(b)):
+            self._fall_back(
+                f"the double-backward operator is not symmetric (u'Hw = {a:.4g}, w'Hu = {b:.4g}), so some op's "
+                "backward is not differentiable (e.g. a @once_differentiable custom function)"
+            )
+            return False
+        self._verified = True
+        return True
 
     # ------------------------------------------------------------------ internals
     def _reduce(self, t: Tensor) -> Tensor:
@@ -304,10 +361,16 @@ class Objective:
     def _local_hvp(self, v: Tensor) -> Tensor:
         engine = self.hvp_engine
         if engine == "auto":
-            if self._fallback_reason is None and not self._verified:
-                self._verify_double_backward()
             if self._fallback_reason is None:
-                return self._hvp_cached(v)
+                try:
+                    if not self._verified and not self._deferred:
+                        self._verify_double_backward()
+                    if self._fallback_reason is None:
+                        return self._hvp_cached(v)
+                except (RuntimeError, NotImplementedError) as err:
+                    if isinstance(err, (torch.OutOfMemoryError, NonFiniteLossError)):
+                        raise
+                    self._fall_back(f"{type(err).__name__}: {err}".splitlines()[0])
             engine = "finite_difference"
         if engine == "cached":
             return self._hvp_cached(v)
@@ -318,49 +381,41 @@ class Objective:
         return self._hvp_finite_difference(v)
 
     def _verify_double_backward(self) -> None:
-        """Check once that double backward runs and gives a symmetric operator; else fall back.
+        """Check once that double backward gives a symmetric operator (two seeded products).
 
         Ops without a second derivative either raise, or (``@once_differentiable`` custom
         functions) are silently cut out of the graph, which leaves a wrong, non-symmetric
-        operator. Two seeded products ``u'Hw`` and ``w'Hu`` tell the two apart (counted in
-        ``n_hvp_check``, not ``n_hvp``, so that results of repeated calls stay comparable).
+        operator. The products are counted in ``n_hvp_check``, not ``n_hvp``, so that results of
+        repeated calls stay comparable. Lanczos does the same check for free
+        (:meth:`deferred_symmetry_check`).
         """
         gen = torch.Generator().manual_seed(2**31 - 1)
         u, w = torch.randn(2, self.num_params, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
-        reason: str | None = None
-        try:
-            hw, hu = self._reduce(self._hvp_cached(w)), self._reduce(self._hvp_cached(u))
-        except (RuntimeError, NotImplementedError) as err:
-            if isinstance(err, (torch.OutOfMemoryError, NonFiniteLossError)):
-                raise
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        else:
-            a, b = float(u @ hw), float(w @ hu)
-            if abs(a - b) > 0.1 * max(abs(a), abs(b)):
-                reason = (
-                    f"the double-backward operator is not symmetric (u'Hw = {a:.4g}, w'Hu = {b:.4g}), so "
-                    "some op's backward is not differentiable (e.g. a @once_differentiable custom function)"
-                )
-        finally:
-            self.n_hvp_check += 2
+        self.n_hvp_check += 2
+        hw, hu = self._reduce(self._hvp_cached(w)), self._reduce(self._hvp_cached(u))
+        self.confirm_symmetry(float(u @ hw), float(w @ hu))
+
+    def _fall_back(self, reason: str) -> None:
+        self._cache = None
+        self._fallback_reason = reason
         self._verified = True
-        if reason is not None:
-            self._cache = None
-            self._fallback_reason = reason
-            warnings.warn(
-                f"Hessian-vector products fall back to central finite differences of gradients: {reason}. They "
-                "are accurate on smooth models but can be far off across non-smooth points (ReLU kinks, "
-                "max-pooling). Pass hvp='finite_difference' to choose this explicitly and silence the warning.",
-                HvpFallbackWarning,
-                stacklevel=4,
-            )
+        warnings.warn(
+            f"Hessian-vector products fall back to central finite differences of gradients: {reason}. They are "
+            "accurate on smooth models but can be far off across non-smooth points (ReLU kinks, max-pooling). "
+            "Pass hvp='finite_difference' to choose this explicitly and silence the warning.",
+            HvpFallbackWarning,
+            stacklevel=5,
+        )
 
     def _state_key(self) -> tuple[tuple[int, int], ...]:
         tensors = list(self.model.parameters()) + list(self.model.buffers())
         return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def _hvp_cached(self, v: Tensor) -> Tensor:
-        key = self._state_key()
+        # Inside a session the parameters are fixed: check the in-place version counters once.
+        key = self._session_key if self._session_key is not None else self._state_key()
+        if self._session_depth > 0:
+            self._session_key = key
         if self._cache is None or self._cache[0] != key:
             self._cache = None
             leaves = self._leaves()

@@ -3,12 +3,19 @@
 One Krylov space gives both ends of the spectrum. Lanczos keeps full reorthogonalisation with
 its basis on the model's device; the small projected problem is solved by
 ``scipy.linalg.eigh_tridiagonal`` (``scipy.linalg.eigh`` after a thick restart). A Ritz value
-is reported as converged only when its residual ``||H y - theta y||`` is below the tolerance:
+is reported as converged only when the error bound from its residual ``||H y - theta y||`` meets
+the tolerance:
 
-- top values: ``residual <= tol * |theta|`` (relative accuracy);
-- the bottom value: ``residual <= tol * (theta_max - theta_min)``, i.e. relative to the norm of
+- top values: ``bound <= tol * |theta|`` (relative accuracy);
+- the bottom value: ``bound <= tol * (theta_max - theta_min)``, i.e. relative to the norm of
   the shifted operator ``H - lambda_max I`` of Böttcher & Wheeler's Appendix B, whose
-  largest-magnitude eigenvalue ``lambda_min - lambda_max`` is what is resolved there.
+  largest-magnitude eigenvalue ``lambda_min - lambda_max`` is what is resolved there;
+
+where ``bound = min(r, r^2 / gap)`` is the Kahan-Parlett-Jiang bound from the residual ``r`` and
+the gap to the other Ritz values (less their residuals), used once a randomly started Krylov
+space has grown a few steps; otherwise ``bound = r``. A bound certifies that *an* eigenvalue lies
+that close; that it is the extreme one rests on Lanczos finding the ends of the spectrum first.
+Residuals and bounds are reported with every value.
 
 Krylov spaces are shift-invariant, so Lanczos on ``H - lambda_max I`` has the same Ritz vectors as
 on ``H``: when the basis is full before the bottom has converged, the run is thick-restarted
@@ -17,6 +24,7 @@ keeping the Ritz vectors of both ends, which is how the bottom end is refined wi
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +56,8 @@ class EigenResult:
         vector_min: unit eigenvector of ``lambda_min`` (``None`` when ``which="top"``).
         residuals: ``||H y - theta y||`` for each top value.
         residual_min: the same for ``lambda_min``.
+        error_bounds: bounds on the error of each top value, ``min(r, r^2 / gap)``.
+        error_bound_min: the same for ``lambda_min``.
         converged_max: every top value met the tolerance.
         converged_min: ``lambda_min`` met the tolerance (False when not computed).
         n_hvp: Hessian-vector products spent in total.
@@ -63,6 +73,8 @@ class EigenResult:
     vector_min: Tensor | None = field(repr=False)
     residuals: tuple[float, ...]
     residual_min: float
+    error_bounds: tuple[float, ...]
+    error_bound_min: float
     converged_max: bool
     converged_min: bool
     n_hvp: int
@@ -91,9 +103,11 @@ class _LanczosOutcome:
     top_values: np.ndarray
     top_vectors: Tensor
     top_residuals: np.ndarray
+    top_bounds: np.ndarray
     min_value: float
     min_vector: Tensor | None
     min_residual: float
+    min_bound: float
     converged_top: bool
     converged_min: bool
     n_matvec: int
@@ -133,20 +147,32 @@ def extremal_eigenpairs(
     start = time.perf_counter()
     before = objective.n_hvp
     v0, warm = _start_vector(init, n, which, seed, objective.device, objective.dtype)
-    if solver == "arpack":
-        outcome = _arpack(objective.hvp, n, v0, k=k, tol=tol, max_matvec=max_hvp, want_bottom=which == "both")
-    else:
-        outcome = lanczos(
-            objective.hvp,
-            v0,
-            k=k,
-            tol=tol,
-            max_matvec=max_hvp,
-            max_basis=max_basis,
-            want_bottom=which == "both",
-            warm=warm,
-            seed=seed,
-        )
+    with objective.session():
+        if solver == "arpack":
+            outcome = _arpack(objective.hvp, n, v0, k=k, tol=tol, max_matvec=max_hvp, want_bottom=which == "both")
+        else:
+            run = functools.partial(
+                lanczos,
+                objective.hvp,
+                v0,
+                k=k,
+                tol=tol,
+                max_matvec=max_hvp,
+                max_basis=max_basis,
+                want_bottom=which == "both",
+                warm=warm,
+                seed=seed,
+            )
+            if objective.needs_symmetry_check:
+                # Lanczos's second product checks symmetry for free; on failure the objective falls
+                # back to finite differences and Lanczos starts again.
+                try:
+                    with objective.deferred_symmetry_check():
+                        outcome = run(symmetry_check=objective.confirm_symmetry)
+                except AsymmetricOperatorError:
+                    outcome = run()  # the products of the failed start stay counted in n_hvp
+            else:
+                outcome = run()
     return EigenResult(
         lambda_max=float(outcome.top_values[0]),
         lambda_min=outcome.min_value,
@@ -155,6 +181,8 @@ def extremal_eigenpairs(
         vector_min=outcome.min_vector,
         residuals=tuple(float(x) for x in outcome.top_residuals),
         residual_min=outcome.min_residual,
+        error_bounds=tuple(float(x) for x in outcome.top_bounds),
+        error_bound_min=outcome.min_bound,
         converged_max=outcome.converged_top,
         converged_min=outcome.converged_min,
         n_hvp=objective.n_hvp - before,
@@ -208,6 +236,36 @@ def _start_vector(
     return v / norm, True
 
 
+class AsymmetricOperatorError(RuntimeError):
+    """Lanczos saw ``v0'H v1 != v1'H v0``: the operator is not symmetric."""
+
+
+@dataclass
+class _Assessment:
+    theta: np.ndarray
+    s: np.ndarray
+    residuals: np.ndarray
+    bounds: np.ndarray
+    top_idx: np.ndarray
+    top_ok: bool
+    bottom_ok: bool
+
+
+def _assess(
+    theta: np.ndarray, s: np.ndarray, beta: float, k: int, tol: float, want_bottom: bool, eps: float, refine: bool
+) -> _Assessment:
+    """Residuals, error bounds and the convergence verdict of the current Ritz pairs."""
+    m = len(theta)
+    radius = max(abs(theta[0]), abs(theta[-1]), 1e-30)
+    res = _residuals(beta, s, eps * radius)
+    err = _error_bounds(theta, res) if refine else res
+    top_idx = np.arange(m - 1, max(m - 1 - k, -1), -1)
+    top_ok = len(top_idx) == k and bool(np.all(err[top_idx] <= tol * np.maximum(np.abs(theta[top_idx]), 1e-3 * radius)))
+    width = max(theta[-1] - theta[0], eps * radius)
+    bottom_ok = (not want_bottom) or (m > k and bool(err[0] <= tol * width))
+    return _Assessment(theta, s, res, err, top_idx, top_ok, bottom_ok)
+
+
 def lanczos(
     matvec: MatVec,
     v0: Tensor,
@@ -219,11 +277,18 @@ def lanczos(
     want_bottom: bool = True,
     warm: bool = False,
     seed: int = 0,
+    symmetry_check: Callable[[float, float], bool] | None = None,
 ) -> _LanczosOutcome:
     """Lanczos with full reorthogonalisation and thick restart on any symmetric ``matvec``.
 
-    Stops as soon as the top ``k`` Ritz values (and the bottom one, if wanted) meet the
-    residual tolerance, or when ``max_matvec`` products are spent.
+    Stops as soon as the error bounds of the top ``k`` Ritz values (and of the bottom one, if
+    wanted) meet the tolerance, or when ``max_matvec`` products are spent. The bound of a Ritz
+    value with residual ``r`` is ``min(r, r^2 / gap)`` (Kahan-Parlett-Jiang), the gap measured to
+    the nearest other Ritz value less that value's residual. Ritz gaps overestimate true gaps in a
+    small or biased Krylov space, so the refinement applies only from a random start after
+    ``k + 5`` steps; otherwise the bound is the residual itself. ``symmetry_check(a, b)`` receives
+    ``v1'H v0`` and ``v0'H v1`` after the second product; returning False raises
+    :class:`AsymmetricOperatorError`.
     """
     n = v0.numel()
     dtype, device = v0.dtype, v0.device
@@ -237,30 +302,28 @@ def lanczos(
     n_mv = 0
     n_mv_top: int | None = None
     eps = float(torch.finfo(dtype).eps)
-    state: tuple[np.ndarray, np.ndarray, float] | None = None
     while True:
         w = matvec(basis[m])
         n_mv += 1
-        for _ in range(2):  # classical Gram-Schmidt, twice: full reorthogonalisation
+        first_coeff = 0.0
+        for sweep in range(2):  # classical Gram-Schmidt, twice: full reorthogonalisation
             coeffs = basis[: m + 1] @ w
+            if sweep == 0 and m == 1:
+                first_coeff = float(coeffs[0])
             w = w - coeffs @ basis[: m + 1]
             proj[m, m] += float(coeffs[m])
         beta = float(w.norm())
         m += 1
+        if symmetry_check is not None and m == 2 and not restarted and not symmetry_check(proj[0, 1], first_coeff):
+            raise AsymmetricOperatorError(f"v1'Hv0 = {proj[0, 1]:.4g} but v0'Hv1 = {first_coeff:.4g}")
         theta, s = _eig_projected(proj[:m, :m], restarted)
-        state = (theta, s, beta)
-        radius = max(abs(theta[0]), abs(theta[-1]), 1e-30)
-        res = _residuals(beta, s, eps * radius)
-        top_idx = np.arange(m - 1, max(m - 1 - k, -1), -1)
-        top_ok = len(top_idx) == k and bool(
-            np.all(res[top_idx] <= tol * np.maximum(np.abs(theta[top_idx]), 1e-3 * radius))
-        )
-        width = max(theta[-1] - theta[0], eps * radius)
-        bottom_ok = (not want_bottom) or (m > k and bool(res[0] <= tol * width))
-        if top_ok and n_mv_top is None:
+        # The gap refinement trusts the neighbouring Ritz values; that needs a Krylov space grown from a
+        # random start for a few steps (a warm start space can hide eigenvalues inside the Ritz gap).
+        state = _assess(theta, s, beta, k, tol, want_bottom, eps, refine=not warm and m >= k + 5)
+        if state.top_ok and n_mv_top is None:
             n_mv_top = n_mv
-        breakdown = beta <= 100 * eps * radius
-        if (top_ok and bottom_ok) and not (breakdown and not injected):
+        breakdown = beta <= 100 * eps * max(abs(theta[0]), abs(theta[-1]), 1e-30)
+        if state.top_ok and state.bottom_ok and not (breakdown and not injected):
             break
         if n_mv >= max_matvec or m >= n:
             break
@@ -282,33 +345,45 @@ def lanczos(
             continue
         basis[m] = w
         proj[m - 1, m] = proj[m, m - 1] = beta_next
-    theta, s, beta = state
-    res = _residuals(beta, s, eps * max(abs(theta[0]), abs(theta[-1])))
-    vectors = s.T  # rows: coefficients of the Ritz vectors in the basis
-    top_idx = np.arange(m - 1, max(m - 1 - k, -1), -1)
-    coeff = torch.as_tensor(vectors[top_idx], dtype=dtype, device=device)
-    top_vectors = _normalise_rows(coeff @ basis[:m])
-    radius = max(abs(theta[0]), abs(theta[-1]), 1e-30)
-    top_ok = bool(np.all(res[top_idx] <= tol * np.maximum(np.abs(theta[top_idx]), 1e-3 * radius)))
+    vectors = state.s.T  # rows: coefficients of the Ritz vectors in the basis
+    top_idx = state.top_idx
+    top_vectors = _normalise_rows(torch.as_tensor(vectors[top_idx], dtype=dtype, device=device) @ basis[:m])
     min_vector = None
-    min_value, min_res, bottom_ok = float("nan"), float("nan"), False
+    min_value, min_res, min_bound = float("nan"), float("nan"), float("nan")
     if want_bottom:
         min_vector = _normalise_rows(torch.as_tensor(vectors[:1], dtype=dtype, device=device) @ basis[:m])[0]
-        min_value, min_res = float(theta[0]), float(res[0])
-        bottom_ok = m > k and bool(res[0] <= tol * max(theta[-1] - theta[0], eps * radius))
+        min_value, min_res, min_bound = float(theta[0]), float(state.residuals[0]), float(state.bounds[0])
     return _LanczosOutcome(
-        ritz=theta,
-        top_values=theta[top_idx],
+        ritz=state.theta,
+        top_values=state.theta[top_idx],
         top_vectors=top_vectors,
-        top_residuals=res[top_idx],
+        top_residuals=state.residuals[top_idx],
+        top_bounds=state.bounds[top_idx],
         min_value=min_value,
         min_vector=min_vector,
         min_residual=min_res,
-        converged_top=top_ok,
-        converged_min=bottom_ok,
+        min_bound=min_bound,
+        converged_top=state.top_ok,
+        converged_min=want_bottom and state.bottom_ok,
         n_matvec=n_mv,
         n_matvec_top=n_mv_top,
     )
+
+
+def _error_bounds(theta: np.ndarray, res: np.ndarray) -> np.ndarray:
+    """``min(r_i, r_i^2 / gap_i)`` with ``gap_i = min_j (|theta_j - theta_i| - r_j)`` over the other Ritz values.
+
+    Some eigenvalue lies within ``r_j`` of each ``theta_j``, so ``gap_i`` underestimates the
+    distance from ``theta_i`` to the rest of the spectrum the Krylov space has seen.
+    """
+    if len(theta) < 2:
+        return res.copy()
+    dist = np.abs(theta[:, None] - theta[None, :]) - res[None, :]
+    np.fill_diagonal(dist, np.inf)
+    gap = dist.min(axis=1)
+    with np.errstate(divide="ignore"):
+        refined = np.where(gap > 0, res**2 / np.where(gap > 0, gap, 1.0), np.inf)
+    return np.minimum(res, refined)  # type: ignore[no-any-return]
 
 
 def _residuals(beta: float, s: np.ndarray, floor: float) -> np.ndarray:
@@ -408,9 +483,11 @@ def _arpack(
         top_values=vals,
         top_vectors=top_vectors,
         top_residuals=np.full(k, np.nan),  # ARPACK does not report them; not recomputed to keep counts comparable
+        top_bounds=np.full(k, np.nan),
         min_value=min_value,
         min_vector=min_vector,
         min_residual=float("nan"),
+        min_bound=float("nan"),
         converged_top=top is not None,
         converged_min=converged_min,
         n_matvec=count,

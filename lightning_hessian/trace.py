@@ -88,6 +88,11 @@ def hutchinson_trace(
     minimum = 3 if method == "hutch++" else 2
     if not isinstance(n, int) or n < minimum:
         raise ValueError(f"n must be an integer >= {minimum} for method={method!r}, got {n!r}")
+    with objective.session():
+        return _hutchinson(objective, n, method, seed)
+
+
+def _hutchinson(objective: Objective, n: int, method: str, seed: int) -> TraceEstimate:
     start = time.perf_counter()
     before = objective.n_hvp
     gen = torch.Generator().manual_seed(seed)
@@ -194,6 +199,13 @@ def slope_fit_trace(
         raise ValueError(f"n_points must be an odd integer >= 3 (the centre is one of them), got {n_points!r}")
     if radius is not None and not (math.isfinite(radius) and radius > 0):
         raise ValueError(f"radius must be a positive finite number or None, got {radius!r}")
+    with objective.session():
+        return _slope_fit(objective, n_directions, radius, n_points, seed)
+
+
+def _slope_fit(
+    objective: Objective, n_directions: int, radius: float | None, n_points: int, seed: int
+) -> TraceEstimate:
     start = time.perf_counter()
     before = objective.n_loss
     if radius is None:

@@ -199,3 +199,38 @@ def test_result_is_a_frozen_record_with_evidence() -> None:
     assert len(result.residuals) == 2 and result.n_hvp > 0 and result.seconds >= 0
     with pytest.raises(AttributeError):
         result.lambda_max = 0.0  # type: ignore[misc]
+
+
+def test_lanczos_detects_a_non_symmetric_operator_and_restarts_on_finite_differences() -> None:
+    """A once-differentiable op makes double backward silently wrong; Lanczos's own products catch it."""
+    from test_objective import _CustomTanh
+
+    from helpers import tanh_mlp_case
+    from lightning_hessian import HvpFallbackWarning
+
+    case = tanh_mlp_case()
+    exact = np.linalg.eigvalsh(dense_hessian(case).numpy())
+    case.model[1] = _CustomTanh()
+    case.model[3] = _CustomTanh()
+    obj = Objective(case.model, case.loss_fn, case.batches)
+    with pytest.warns(HvpFallbackWarning, match="not symmetric"):
+        result = extremal_eigenpairs(obj, which="top")
+    assert obj.active_engine == "finite_difference"
+    assert obj.n_hvp_check == 0  # no separate probe: Lanczos's second product did the check
+    assert result.lambda_max == pytest.approx(exact[-1], rel=1e-2)
+
+
+def test_error_bounds_hold_and_unconverged_values_say_so() -> None:
+    """A bound certifies that *an* eigenvalue lies that close (the nearest one); convergence flags the extremes."""
+    vals = _planted(800, seed=11)
+    obj = Objective(QuadraticModel(vals, seed=11), quadratic_loss, [None])
+    for budget in (6, 10, 20, 40, 300):
+        result = extremal_eigenpairs(obj, max_hvp=budget)
+        nearest_max = np.abs(vals - result.lambda_max).min()
+        nearest_min = np.abs(vals - result.lambda_min).min()
+        assert nearest_max <= result.error_bounds[0] * (1 + 1e-6) + 1e-12
+        assert nearest_min <= result.error_bound_min * (1 + 1e-6) + 1e-12
+        assert result.error_bounds[0] <= result.residuals[0]
+        if result.converged_min:
+            assert abs(result.lambda_min - vals.min()) <= 1e-4 * (vals.max() - vals.min())
+    assert result.converged_min  # the largest budget is enough

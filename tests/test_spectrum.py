@@ -203,10 +203,9 @@ def test_result_is_a_frozen_record_with_evidence() -> None:
 
 def test_lanczos_detects_a_non_symmetric_operator_and_restarts_on_finite_differences() -> None:
     """A once-differentiable op makes double backward silently wrong; Lanczos's own products catch it."""
-    from test_objective import _CustomTanh
-
     from helpers import tanh_mlp_case
     from lightning_hessian import HvpFallbackWarning
+    from test_objective import _CustomTanh
 
     case = tanh_mlp_case()
     exact = np.linalg.eigvalsh(dense_hessian(case).numpy())

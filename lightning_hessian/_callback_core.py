@@ -63,6 +63,8 @@ class _HessianMonitorCore:
         hvp: HVP engine of :class:`lightning_hessian.Objective` (``"auto"``, ``"cached"``, ...).
         mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"batch_stats"``.
         seed: seeds every random vector; the same for every measurement so curves are comparable.
+        warm_start: start Lanczos from the previous measurement's eigenvectors (several-fold fewer
+            HVPs on a slowly changing Hessian); kept across checkpoint resume.
         max_overhead: skip a measurement when the time spent measuring would exceed this fraction
             of the training time so far (the skip is logged); ``None`` for no budget.
         prefix: metric namespace (distinct prefixes let several monitors coexist).
@@ -100,6 +102,7 @@ class _HessianMonitorCore:
         hvp: HvpEngine = "auto",
         mode: Literal["eval", "batch_stats"] = "eval",
         seed: int = 0,
+        warm_start: bool = True,
         max_overhead: float | None = None,
         prefix: str = "hessian",
         on_error: Literal["warn", "raise"] = "warn",
@@ -148,6 +151,7 @@ class _HessianMonitorCore:
         self.params = params
         self.hvp = hvp
         self.mode = mode
+        self.warm_start = warm_start
         self.max_overhead = max_overhead
         self.prefix = prefix
         self.on_error = on_error
@@ -343,7 +347,7 @@ class _HessianMonitorCore:
         started = time.perf_counter()
         try:
             objective = self._make_objective(trainer, pl_module)
-            warm = self._warm if self._warm_names == objective.param_names else None
+            warm = self._warm if self.warm_start and self._warm_names == objective.param_names else None
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
                 result = measure(objective, self.config, warm_start=warm, learning_rate=self._learning_rate(trainer))

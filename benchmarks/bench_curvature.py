@@ -44,7 +44,7 @@ from lightning_hessian import Objective, extremal_eigenpairs, hutchinson_trace, 
 
 TOL = 1e-4  # ours and ARPACK
 SEED = 0
-SGD_LR_WARM = 0.05  # the one optimizer step between the cold and the warm call
+SGD_LR_WARM = (0.05, 0.005)  # the one optimizer step between the cold and the warm call (two sizes)
 REF_TOL = 1e-10  # float64 Lanczos reference
 REF_TRACE_HVPS = 1200  # float64 Hutch++ reference trace (models without a dense Hessian)
 RESULTS = Path(__file__).resolve().parent / "results" / "curvature.json"
@@ -114,8 +114,14 @@ def make_mlp() -> dict[str, Any]:
         y = (teacher(x) + 0.5 * torch.randn(512, 10)).argmax(1)
     model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
     _train(model, x, y, steps=30, lr=0.2)
-    return {"name": "mlp_tanh", "desc": "MLP 20-32-32-10 tanh, 512 samples, cross-entropy",
-            "model": model, "x": x, "y": y, "dense_reference": True}
+    return {
+        "name": "mlp_tanh",
+        "desc": "MLP 20-32-32-10 tanh, 512 samples, cross-entropy",
+        "model": model,
+        "x": x,
+        "y": y,
+        "dense_reference": True,
+    }
 
 
 def make_cnn() -> dict[str, Any]:
@@ -123,18 +129,45 @@ def make_cnn() -> dict[str, Any]:
     x = torch.randn(256, 1, 16, 16)
     y = torch.randint(0, 10, (256,))
     model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 96), nn.ReLU(), nn.Linear(96, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 96),
+        nn.ReLU(),
+        nn.Linear(96, 10),
     )
     _train(model, x, y, steps=30, lr=0.05)
-    return {"name": "cnn_bn", "desc": "CNN conv-BN(eval)-ReLU-maxpool x2 + MLP head, 256 images 1x16x16",
-            "model": model, "x": x, "y": y, "dense_reference": False}
+    return {
+        "name": "cnn_bn",
+        "desc": "CNN conv-BN(eval)-ReLU-maxpool x2 + MLP head, 256 images 1x16x16",
+        "model": model,
+        "x": x,
+        "y": y,
+        "dense_reference": False,
+    }
+
+
+_CREATED: list[Objective] = []
 
 
 def objective(problem: dict[str, Any], model: nn.Module | None = None, **kw: Any) -> Objective:
-    return Objective(model if model is not None else problem["model"], loss_fn,
-                     [(problem["x"], problem["y"])], **kw)
+    obj = Objective(model if model is not None else problem["model"], loss_fn, [(problem["x"], problem["y"])], **kw)
+    _CREATED.append(obj)
+    return obj
+
+
+def check_hvps(mark: int, reps: int = 1) -> int:
+    """HVPs spent by hvp='auto''s one-off double-backward symmetry probe (``n_hvp_check``, not in ``n_hvp``)
+    by the objectives created since ``_CREATED[mark]``, per repetition; forgets those objectives."""
+    total = sum(int(getattr(o, "n_hvp_check", 0)) for o in _CREATED[mark:])
+    del _CREATED[mark:]
+    return total // reps
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -176,9 +209,13 @@ def dense_reference(problem: dict[str, Any]) -> dict[str, Any]:
     sec = time.perf_counter() - t0
     return {
         "source": "dense torch.func.hessian (float64) + eigvalsh",
-        "lambda_max": float(evals[-1]), "lambda_2": float(evals[-2]), "lambda_min": float(evals[0]),
-        "trace": float(hess.diagonal().sum()), "trace_stderr": 0.0,
-        "n_negative": int((evals < 0).sum()), "seconds": sec,
+        "lambda_max": float(evals[-1]),
+        "lambda_2": float(evals[-2]),
+        "lambda_min": float(evals[0]),
+        "trace": float(hess.diagonal().sum()),
+        "trace_stderr": 0.0,
+        "n_negative": int((evals < 0).sum()),
+        "seconds": sec,
     }
 
 
@@ -190,38 +227,81 @@ def fp64_reference(problem: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     tr, sec_t = timed(lambda: hutchinson_trace(obj, n=REF_TRACE_HVPS, method="hutch++", seed=12345))
     ref = {
         "source": f"float64 Lanczos (tol {REF_TOL:g}) + float64 Hutch++ ({REF_TRACE_HVPS} HVPs, seed 12345)",
-        "lambda_max": eig.lambda_max, "lambda_2": eig.eigenvalues[1], "lambda_min": eig.lambda_min,
-        "trace": tr.value, "trace_stderr": tr.stderr,
-        "eig_converged": [eig.converged_max, eig.converged_min], "eig_n_hvp": eig.n_hvp,
-        "residual_max": eig.residuals[0], "residual_min": eig.residual_min,
-        "trace_n_hvp": tr.n_hvp, "seconds": sec_e + sec_t,
+        "lambda_max": eig.lambda_max,
+        "lambda_2": eig.eigenvalues[1],
+        "lambda_min": eig.lambda_min,
+        "trace": tr.value,
+        "trace_stderr": tr.stderr,
+        "eig_converged": [eig.converged_max, eig.converged_min],
+        "eig_n_hvp": eig.n_hvp,
+        "residual_max": eig.residuals[0],
+        "residual_min": eig.residual_min,
+        "trace_n_hvp": tr.n_hvp,
+        "seconds": sec_e + sec_t,
     }
     return ref, {"eig": eig, "trace": tr}
 
 
 # ----------------------------------------------------------------------------- rows
-def row(method: str, *, lmax: float | None = None, lmin: float | None = None, trace: float | None = None,
-        trace_stderr: float | None = None, n_hvp: int | None = None, n_hvp_top: int | None = None,
-        n_loss: int | None = None, seconds: float | None = None, converged: str = "", note: str = "",
-        lib: str = "ours") -> dict[str, Any]:
-    return {"lib": lib, "method": method, "lambda_max": lmax, "lambda_min": lmin, "trace": trace,
-            "trace_stderr": trace_stderr, "n_hvp": n_hvp, "n_hvp_top": n_hvp_top, "n_loss": n_loss,
-            "seconds": seconds, "converged": converged, "note": note}
+def row(
+    method: str,
+    *,
+    lmax: float | None = None,
+    lmin: float | None = None,
+    trace: float | None = None,
+    trace_stderr: float | None = None,
+    n_hvp: int | None = None,
+    n_hvp_top: int | None = None,
+    n_loss: int | None = None,
+    seconds: float | None = None,
+    converged: str = "",
+    note: str = "",
+    lib: str = "ours",
+    check: int = 0,
+) -> dict[str, Any]:
+    return {
+        "lib": lib,
+        "method": method,
+        "n_hvp_check": check,
+        "lambda_max": lmax,
+        "lambda_min": lmin,
+        "trace": trace,
+        "trace_stderr": trace_stderr,
+        "n_hvp": n_hvp,
+        "n_hvp_top": n_hvp_top,
+        "n_loss": n_loss,
+        "seconds": seconds,
+        "converged": converged,
+        "note": note,
+    }
 
 
 def add_errors(r: dict[str, Any], ref: dict[str, Any]) -> None:
     width = ref["lambda_max"] - ref["lambda_min"]
-    r["err_lambda_max"] = None if r["lambda_max"] is None else abs(r["lambda_max"] - ref["lambda_max"]) / abs(
-        ref["lambda_max"])
-    r["err_lambda_min_over_width"] = None if r["lambda_min"] is None else abs(
-        r["lambda_min"] - ref["lambda_min"]) / width
+    r["err_lambda_max"] = (
+        None if r["lambda_max"] is None else abs(r["lambda_max"] - ref["lambda_max"]) / abs(ref["lambda_max"])
+    )
+    r["err_lambda_min_over_width"] = (
+        None if r["lambda_min"] is None else abs(r["lambda_min"] - ref["lambda_min"]) / width
+    )
     r["err_trace"] = None if r["trace"] is None else abs(r["trace"] - ref["trace"]) / abs(ref["trace"])
 
 
-def _eig_row(method: str, res: Any, seconds: float, note: str = "", bottom: bool = True) -> dict[str, Any]:
+def _eig_row(
+    method: str, res: Any, seconds: float, note: str = "", bottom: bool = True, check: int = 0
+) -> dict[str, Any]:
     conv = f"max={'y' if res.converged_max else 'n'}" + (f" min={'y' if res.converged_min else 'n'}" if bottom else "")
-    return row(method, lmax=res.lambda_max, lmin=res.lambda_min if bottom else None, n_hvp=res.n_hvp,
-               n_hvp_top=res.n_hvp_top, seconds=seconds, converged=conv, note=note)
+    return row(
+        method,
+        lmax=res.lambda_max,
+        lmin=res.lambda_min if bottom else None,
+        n_hvp=res.n_hvp,
+        n_hvp_top=res.n_hvp_top,
+        seconds=seconds,
+        converged=conv,
+        note=note,
+        check=check,
+    )
 
 
 class _Budget(Exception):
@@ -279,10 +359,22 @@ def run_pyhessian(problem: dict[str, Any]) -> list[dict[str, Any]]:
 
     (tr, n_samples, n_tr), sec_tr = timed(trace_once)
     return [
-        row("eigenvalues(top_n=1) [power iteration, defaults]", lib="pyhessian", lmax=lmax, n_hvp=n_eig,
-            seconds=sec_eig, note="median of 3 timings; incl. constructor (backward create_graph)"),
-        row("trace() [Hutchinson, defaults]", lib="pyhessian", trace=tr, n_hvp=n_tr, seconds=sec_tr,
-            note=f"stopped after {n_samples} samples; no error bar"),
+        row(
+            "eigenvalues(top_n=1) [power iter., defaults]",
+            lib="pyhessian",
+            lmax=lmax,
+            n_hvp=n_eig,
+            seconds=sec_eig,
+            note="median of 3 timings; incl. constructor (backward create_graph)",
+        ),
+        row(
+            "trace() [Hutchinson, defaults]",
+            lib="pyhessian",
+            trace=tr,
+            n_hvp=n_tr,
+            seconds=sec_tr,
+            note=f"stopped after {n_samples} samples; no error bar",
+        ),
     ]
 
 
@@ -291,8 +383,7 @@ def run_eigenthings(problem: dict[str, Any]) -> list[dict[str, Any]]:
 
     def operator() -> Any:
         m = copy.deepcopy(problem["model"]).eval()  # eigenthings uses the model as it is: eval for BN
-        op = eigthings.HessianOperator(m, [(problem["x"], problem["y"])],
-                                       eigthings.supervised_loss(F.cross_entropy))
+        op = eigthings.HessianOperator(m, [(problem["x"], problem["y"])], eigthings.supervised_loss(F.cross_entropy))
         inner = op.matvec
 
         def counted(v: torch.Tensor) -> torch.Tensor:
@@ -316,13 +407,29 @@ def run_eigenthings(problem: dict[str, Any]) -> list[dict[str, Any]]:
     rows.append(lanczos_row("lanczos(k=1) [defaults: max_iter=2k, LM]", "library defaults", k=1))
     rows.append(lanczos_row("lanczos(k=1, max_iter=20, LA)", "", k=1, max_iter=20, which="LA"))
     rows.append(lanczos_row("lanczos(k=1, max_iter=20, SA)", "", k=1, max_iter=20, which="SA"))
-    rows.append(lanczos_row("lanczos(k=1, max_iter=60, SA, reorth)", "reorthogonalize=True (default off >50)",
-                            k=1, max_iter=60, which="SA", reorthogonalize=True))
+    rows.append(
+        lanczos_row(
+            "lanczos(k=1, max_iter=60, SA, reorth)",
+            "reorthogonalize=True (default off >50)",
+            k=1,
+            max_iter=60,
+            which="SA",
+            reorthogonalize=True,
+        )
+    )
     op = operator()
     before = _ANCHOR_HVPS["eigenthings"]
     tr, sec = timed(lambda: eigthings.trace(op, num_matvecs=99, method="hutch++", seed=SEED))
-    rows.append(row("trace(num_matvecs=99, hutch++)", lib="eigenthings", trace=tr.estimate, trace_stderr=tr.stderr,
-                    n_hvp=_ANCHOR_HVPS["eigenthings"] - before, seconds=sec))
+    rows.append(
+        row(
+            "trace(num_matvecs=99, hutch++)",
+            lib="eigenthings",
+            trace=tr.estimate,
+            trace_stderr=tr.stderr,
+            n_hvp=_ANCHOR_HVPS["eigenthings"] - before,
+            seconds=sec,
+        )
+    )
     return rows
 
 
@@ -348,8 +455,12 @@ def engine_costs(problem: dict[str, Any], reps: int) -> list[dict[str, Any]]:
     loss_s = med(base.loss)
     out = [
         {"variant": "gradient (objective.grad)", "ms": 1e3 * grad_s, "x_grad": 1.0, "rel_err_vs_fp64": None},
-        {"variant": "forward only (objective.loss)", "ms": 1e3 * loss_s, "x_grad": loss_s / grad_s,
-         "rel_err_vs_fp64": None},
+        {
+            "variant": "forward only (objective.loss)",
+            "ms": 1e3 * loss_s,
+            "x_grad": loss_s / grad_s,
+            "rel_err_vs_fp64": None,
+        },
     ]
     for engine in ("cached", "double_backward", "forward_over_reverse", "finite_difference"):
         obj = objective(problem, hvp=engine)
@@ -357,8 +468,9 @@ def engine_costs(problem: dict[str, Any], reps: int) -> list[dict[str, Any]]:
         err = float((hv.double() - ref_hv).norm() / ref_hv.norm())
         s = med(lambda obj=obj: obj.hvp(v))
         note = f"first call {1e3 * first:.2f} ms (builds the graph)" if engine == "cached" else ""
-        out.append({"variant": f"hvp {engine}", "ms": 1e3 * s, "x_grad": s / grad_s, "rel_err_vs_fp64": err,
-                    "note": note})
+        out.append(
+            {"variant": f"hvp {engine}", "ms": 1e3 * s, "x_grad": s / grad_s, "rel_err_vs_fp64": err, "note": note}
+        )
     return out
 
 
@@ -377,56 +489,178 @@ def run_problem(problem: dict[str, Any]) -> dict[str, Any]:
     if problem["dense_reference"]:
         ref = dense_reference(problem)
         hp, hp_raw = fp64_reference(problem)  # checks that the reference method used for the CNN is right
-        ref_checks.append(row("[ref-method check] fp64 Lanczos tol 1e-10", lib="reference", lmax=hp["lambda_max"],
-                              lmin=hp["lambda_min"], n_hvp=hp["eig_n_hvp"], seconds=hp_raw["eig"].seconds,
-                              converged=f"max={'y' if hp['eig_converged'][0] else 'n'} "
-                                        f"min={'y' if hp['eig_converged'][1] else 'n'}"))
-        ref_checks.append(row(f"[ref-method check] fp64 Hutch++ {REF_TRACE_HVPS}", lib="reference",
-                              trace=hp["trace"], trace_stderr=hp["trace_stderr"], n_hvp=hp["trace_n_hvp"],
-                              seconds=hp_raw["trace"].seconds))
+        ref_checks.append(
+            row(
+                "[ref-method check] fp64 Lanczos tol 1e-10",
+                lib="reference",
+                lmax=hp["lambda_max"],
+                lmin=hp["lambda_min"],
+                n_hvp=hp["eig_n_hvp"],
+                seconds=hp_raw["eig"].seconds,
+                converged=f"max={'y' if hp['eig_converged'][0] else 'n'} min={'y' if hp['eig_converged'][1] else 'n'}",
+            )
+        )
+        ref_checks.append(
+            row(
+                f"[ref-method check] fp64 Hutch++ {REF_TRACE_HVPS}",
+                lib="reference",
+                trace=hp["trace"],
+                trace_stderr=hp["trace_stderr"],
+                n_hvp=hp["trace_n_hvp"],
+                seconds=hp_raw["trace"].seconds,
+            )
+        )
     else:
         ref, _ = fp64_reference(problem)
     width = ref["lambda_max"] - ref["lambda_min"]
     print(f"reference: {ref['source']} ({ref['seconds']:.1f} s)")
-    print(f"  lambda_max={ref['lambda_max']:.8g}  lambda_2={ref['lambda_2']:.8g}  lambda_min={ref['lambda_min']:.8g}"
-          f"  width={width:.6g}  trace={ref['trace']:.8g}"
-          + (f" +- {ref['trace_stderr']:.2g}" if ref["trace_stderr"] else " (exact)")
-          + (f"  negative eigenvalues={ref['n_negative']}" if "n_negative" in ref else ""))
+    print(
+        f"  lambda_max={ref['lambda_max']:.8g}  lambda_2={ref['lambda_2']:.8g}  lambda_min={ref['lambda_min']:.8g}"
+        f"  width={width:.6g}  trace={ref['trace']:.8g}"
+        + (f" +- {ref['trace_stderr']:.2g}" if ref["trace_stderr"] else " (exact)")
+        + (f"  negative eigenvalues={ref['n_negative']}" if "n_negative" in ref else "")
+    )
+    if "eig_n_hvp" in ref:
+        print(
+            f"  (float64 Lanczos: {ref['eig_n_hvp']} HVPs, converged max/min {ref['eig_converged']}, residuals "
+            f"{ref['residual_max']:.1e} / {ref['residual_min']:.1e})"
+        )
+    if ref["trace_stderr"]:
+        print(
+            f"  (the reference trace is itself stochastic: stderr/trace = {ref['trace_stderr'] / abs(ref['trace']):.1e}"
+            "; trace errors below about twice that are not resolved)"
+        )
 
     # --- ours: eigenvalues, cold
-    top_res, top_sec, top_times = median_timed(
-        lambda: extremal_eigenpairs(objective(problem), tol=TOL, which="top", seed=SEED), reps=3)
-    rows.append(_eig_row("extremal_eigenpairs(which='top') cold", top_res, top_sec, bottom=False,
-                         note="median of 3 timings; incl. Objective + graph build"))
+    mark = len(_CREATED)
+    top_res, top_sec, _ = median_timed(
+        lambda: extremal_eigenpairs(objective(problem), tol=TOL, which="top", seed=SEED), reps=3
+    )
+    rows.append(
+        _eig_row(
+            "extremal_eigenpairs(which='top') cold",
+            top_res,
+            top_sec,
+            bottom=False,
+            note="median of 3 timings; incl. Objective + graph build",
+            check=check_hvps(mark, 3),
+        )
+    )
+    # variants for the lambda_max comparison: no symmetry probe (hvp='cached'), PyHessian's tolerance number
+    res, sec, _ = median_timed(
+        lambda: extremal_eigenpairs(objective(problem, hvp="cached"), tol=TOL, which="top", seed=SEED), reps=3
+    )
+    rows.append(
+        _eig_row(
+            "extremal_eigenpairs(which='top') cold, hvp=cached",
+            res,
+            sec,
+            bottom=False,
+            note="median of 3; no symmetry probe",
+            check=check_hvps(mark, 3),
+        )
+    )
+    res, sec, _ = median_timed(
+        lambda: extremal_eigenpairs(objective(problem), tol=1e-3, which="top", seed=SEED), reps=3
+    )
+    rows.append(
+        _eig_row(
+            "extremal_eigenpairs(which='top', tol=1e-3) cold",
+            res,
+            sec,
+            bottom=False,
+            note="median of 3; PyHessian's tol number",
+            check=check_hvps(mark, 3),
+        )
+    )
     both_res, both_sec = timed(lambda: extremal_eigenpairs(objective(problem), tol=TOL, max_hvp=500, seed=SEED))
-    rows.append(_eig_row("extremal_eigenpairs(which='both') cold", both_res, both_sec, note="max_hvp=500"))
+    rows.append(
+        _eig_row(
+            "extremal_eigenpairs(which='both') cold", both_res, both_sec, note="max_hvp=500", check=check_hvps(mark)
+        )
+    )
 
     # --- ours: traces
     for method in ("hutch++", "hutchinson"):
         tr, sec = timed(lambda method=method: hutchinson_trace(objective(problem), n=99, method=method, seed=SEED))
-        rows.append(row(f"hutchinson_trace(n=99, {method})", trace=tr.value, trace_stderr=tr.stderr, n_hvp=tr.n_hvp,
-                        seconds=sec))
+        rows.append(
+            row(
+                f"hutchinson_trace(n=99, {method})",
+                trace=tr.value,
+                trace_stderr=tr.stderr,
+                n_hvp=tr.n_hvp,
+                seconds=sec,
+                check=check_hvps(mark),
+            )
+        )
     tr, sec = timed(lambda: slope_fit_trace(objective(problem), n_directions=100, seed=SEED))
-    rows.append(row("slope_fit_trace(n_directions=100)", trace=tr.value, trace_stderr=tr.stderr, n_hvp=0,
-                    n_loss=tr.n_loss, seconds=sec, note=f"forwards only; radius={tr.radius:.3g}"))
+    rows.append(
+        row(
+            "slope_fit_trace(n_directions=100)",
+            trace=tr.value,
+            trace_stderr=tr.stderr,
+            n_hvp=0,
+            n_loss=tr.n_loss,
+            seconds=sec,
+            note=f"no HVP: {tr.n_loss} forward passes; radius={tr.radius:.3g}",
+        )
+    )
 
     # --- ARPACK at the same tolerance
-    ar, ar_sec = timed(lambda: extremal_eigenpairs(objective(problem), tol=TOL, max_hvp=3000, seed=SEED,
-                                                   solver="arpack"))
+    ar, ar_sec = timed(
+        lambda: extremal_eigenpairs(objective(problem), tol=TOL, max_hvp=3000, seed=SEED, solver="arpack")
+    )
     n_la = ar.n_hvp_top if ar.n_hvp_top is not None else ar.n_hvp
-    rows.append(row("extremal_eigenpairs(solver='arpack')", lib="arpack", lmax=ar.lambda_max, lmin=ar.lambda_min,
-                    n_hvp=ar.n_hvp, n_hvp_top=ar.n_hvp_top, seconds=ar_sec,
-                    converged=f"max={'y' if ar.converged_max else 'n'} min={'y' if ar.converged_min else 'n'}",
-                    note=f"eigsh LA {n_la} + SA {ar.n_hvp - n_la} HVPs"))
+    rows.append(
+        row(
+            "extremal_eigenpairs(solver='arpack')",
+            lib="arpack",
+            lmax=ar.lambda_max,
+            lmin=ar.lambda_min,
+            n_hvp=ar.n_hvp,
+            n_hvp_top=ar.n_hvp_top,
+            seconds=ar_sec,
+            converged=f"max={'y' if ar.converged_max else 'n'} min={'y' if ar.converged_min else 'n'}",
+            note=f"eigsh LA {n_la} + SA {ar.n_hvp - n_la} HVPs",
+            check=check_hvps(mark),
+        )
+    )
     la_val, la_n, la_sec = eigsh_direct(objective(problem), "LA", TOL)
-    rows.append(row(f"eigsh(k=1, LA, tol={TOL:g}) direct", lib="arpack", lmax=la_val, n_hvp=la_n, seconds=la_sec))
+    rows.append(
+        row(
+            f"eigsh(k=1, LA, tol={TOL:g}) direct",
+            lib="arpack",
+            lmax=la_val,
+            n_hvp=la_n,
+            seconds=la_sec,
+            check=check_hvps(mark),
+        )
+    )
     sa_val, sa_n, sa_sec = eigsh_direct(objective(problem), "SA", TOL)
-    rows.append(row(f"eigsh(k=1, SA, tol={TOL:g}) direct", lib="arpack", lmin=sa_val, n_hvp=sa_n, seconds=sa_sec,
-                    note="ARPACK: residual <= tol*|lambda_min|"))
+    rows.append(
+        row(
+            f"eigsh(k=1, SA, tol={TOL:g}) direct",
+            lib="arpack",
+            lmin=sa_val,
+            n_hvp=sa_n,
+            seconds=sa_sec,
+            note="ARPACK: residual <= tol*|lambda_min|",
+            check=check_hvps(mark),
+        )
+    )
     tol_eq = TOL * width / abs(ref["lambda_min"])
     sae_val, sae_n, sae_sec = eigsh_direct(objective(problem), "SA", tol_eq)
-    rows.append(row(f"eigsh(k=1, SA, tol={tol_eq:.3g}) direct", lib="arpack", lmin=sae_val, n_hvp=sae_n,
-                    seconds=sae_sec, note="tol scaled to ours: residual <= 1e-4*width"))
+    rows.append(
+        row(
+            f"eigsh(k=1, SA, tol={tol_eq:.3g}) direct",
+            lib="arpack",
+            lmin=sae_val,
+            n_hvp=sae_n,
+            seconds=sae_sec,
+            note="tol scaled to ours: residual <= 1e-4*width",
+            check=check_hvps(mark),
+        )
+    )
 
     # --- anchors
     if HAVE_PYHESSIAN:
@@ -434,25 +668,45 @@ def run_problem(problem: dict[str, Any]) -> dict[str, Any]:
     if HAVE_EIGTHINGS:
         rows.extend(run_eigenthings(problem))
 
-    # --- cold vs warm after one SGD step on the probe loss
-    stepped = copy.deepcopy(model).eval()
-    opt = torch.optim.SGD(stepped.parameters(), lr=SGD_LR_WARM)
-    opt.zero_grad()
-    loss_fn(stepped, (problem["x"], problem["y"])).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    step_norm = float(torch.cat([(a - b).reshape(-1) for a, b in zip(stepped.parameters(), model.parameters())]).norm())
+    # --- cold vs warm after one SGD step on the probe loss (eval mode, so BN buffers stay put)
     cw = []
-    for which, prev in (("both", both_res), ("top", top_res)):
-        kw: dict[str, Any] = {"tol": TOL, "max_hvp": 500, "which": which, "seed": SEED}
-        cold, cold_sec = timed(lambda kw=kw: extremal_eigenpairs(objective(problem, stepped), **kw))
-        warm, warm_sec = timed(lambda kw=kw, prev=prev: extremal_eigenpairs(objective(problem, stepped), init=prev,
-                                                                            **kw))
-        for label, res, sec in (("cold", cold, cold_sec), ("warm", warm, warm_sec)):
-            cw.append({"which": which, "start": label, "lambda_max": res.lambda_max,
-                       "lambda_min": res.lambda_min if which == "both" else None, "n_hvp": res.n_hvp,
-                       "n_hvp_top": res.n_hvp_top, "converged_max": res.converged_max,
-                       "converged_min": res.converged_min if which == "both" else None, "seconds": sec})
+    steps = []
+    for lr in SGD_LR_WARM:
+        stepped = copy.deepcopy(model).eval()
+        opt = torch.optim.SGD(stepped.parameters(), lr=lr)
+        opt.zero_grad()
+        loss_fn(stepped, (problem["x"], problem["y"])).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            step_norm = float(
+                torch.cat([(a - b).reshape(-1) for a, b in zip(stepped.parameters(), model.parameters())]).norm()
+            )
+        steps.append({"optimizer": "SGD", "lr": lr, "step_norm": step_norm})
+        for which, prev in (("both", both_res), ("top", top_res)):
+            kw: dict[str, Any] = {"tol": TOL, "max_hvp": 500, "which": which, "seed": SEED}
+            cold, cold_sec = timed(lambda kw=kw, m=stepped: extremal_eigenpairs(objective(problem, m), **kw))
+            cold_check = check_hvps(mark)
+            warm, warm_sec = timed(
+                lambda kw=kw, prev=prev, m=stepped: extremal_eigenpairs(objective(problem, m), init=prev, **kw)
+            )
+            warm_check = check_hvps(mark)
+            for label, res, sec, chk in (("cold", cold, cold_sec, cold_check), ("warm", warm, warm_sec, warm_check)):
+                cw.append(
+                    {
+                        "lr": lr,
+                        "which": which,
+                        "start": label,
+                        "lambda_max": res.lambda_max,
+                        "n_hvp_check": chk,
+                        "lambda_min": res.lambda_min if which == "both" else None,
+                        "n_hvp": res.n_hvp,
+                        "n_hvp_top": res.n_hvp_top,
+                        "converged_max": res.converged_max,
+                        "converged_min": res.converged_min if which == "both" else None,
+                        "seconds": sec,
+                    }
+                )
 
     # --- engine costs
     engines = engine_costs(problem, reps=20 if n_params < 10_000 else 10)
@@ -461,9 +715,19 @@ def run_problem(problem: dict[str, Any]) -> dict[str, Any]:
         add_errors(r, ref)
     state_after = model.state_dict()
     unchanged = all(torch.equal(state_before[k], state_after[k]) for k in state_before)
-    out = {"desc": problem["desc"], "num_params": n_params, "reference": ref, "rows": rows, "ref_checks": ref_checks,
-           "cold_warm": cw, "warm_step": {"optimizer": "SGD", "lr": SGD_LR_WARM, "step_norm": step_norm},
-           "engines": engines, "model_state_unchanged": unchanged, "seconds": time.perf_counter() - t_problem}
+    out = {
+        "desc": problem["desc"],
+        "num_params": n_params,
+        "reference": ref,
+        "rows": rows,
+        "ref_checks": ref_checks,
+        "cold_warm": cw,
+        "warm_steps": steps,
+        "engines": engines,
+        "model_state_unchanged": unchanged,
+        "seconds": time.perf_counter() - t_problem,
+    }
+    del _CREATED[:]
     print_problem(out)
     return out
 
@@ -482,38 +746,62 @@ def _val_err(v: float | None, e: float | None) -> str:
 
 
 def print_problem(res: dict[str, Any]) -> None:
-    print("\nvalue (error): lambda_max rel. error | lambda_min error / (lambda_max - lambda_min) | trace rel. error")
-    header = (f"{'lib':<11} {'method':<46} {'lambda_max (err)':<22} {'lambda_min (err/width)':<23} "
-              f"{'trace (err)':<20} {'+-stderr':>9} {'HVPs':>5} {'top':>4} {'sec':>7} {'conv':<11} note")
+    print(
+        "\nvalue (error): lambda_max rel. error | lambda_min error / (lambda_max - lambda_min) | trace rel. error;"
+        " HVPs a+b: b = the one-off symmetry probe of hvp='auto' (Objective.n_hvp_check), not in n_hvp"
+    )
+    header = (
+        f"{'lib':<11} {'method':<50} {'lambda_max (err)':<22} {'lambda_min (err/width)':<23} "
+        f"{'trace (err)':<20} {'+-stderr':>9} {'HVPs':>7} {'top':>4} {'sec':>7} {'conv':<11} note"
+    )
     print(header)
     print("-" * len(header))
     for r in res["ref_checks"] + res["rows"]:
         hvps = _fmt(r["n_hvp"], "d") if r["n_hvp"] is not None else "-"
-        if r["n_loss"]:
-            hvps = f"0 ({r['n_loss']} fwd)" if r["n_hvp"] == 0 else hvps
-        print(f"{r['lib']:<11} {r['method']:<46} {_val_err(r['lambda_max'], r['err_lambda_max']):<22} "
-              f"{_val_err(r['lambda_min'], r['err_lambda_min_over_width']):<23} "
-              f"{_val_err(r['trace'], r['err_trace']):<20} {_fmt(r['trace_stderr'], '.2g'):>9} {hvps:>5} "
-              f"{_fmt(r['n_hvp_top'], 'd'):>4} {_fmt(r['seconds'], '.3f'):>7} {r['converged']:<11} {r['note']}")
-    ws = res["warm_step"]
-    print(f"\ncold vs warm start at the parameters after one {ws['optimizer']} step (lr={ws['lr']}, "
-          f"|step|={ws['step_norm']:.3g}); warm = init=<result at the previous parameters>")
-    print(f"{'which':<6} {'start':<5} {'lambda_max':>12} {'lambda_min':>13} {'HVPs':>5} {'top':>4} {'conv':<9} {'sec':>7}")
+        hvps += f"+{r['n_hvp_check']}" if r["n_hvp_check"] else ""
+        print(
+            f"{r['lib']:<11} {r['method']:<50} {_val_err(r['lambda_max'], r['err_lambda_max']):<22} "
+            f"{_val_err(r['lambda_min'], r['err_lambda_min_over_width']):<23} "
+            f"{_val_err(r['trace'], r['err_trace']):<20} {_fmt(r['trace_stderr'], '.2g'):>9} {hvps:>7} "
+            f"{_fmt(r['n_hvp_top'], 'd'):>4} {_fmt(r['seconds'], '.3f'):>7} {r['converged']:<11} {r['note']}"
+        )
+    norms = ", ".join(f"lr={w['lr']:g}: |step|={w['step_norm']:.3g}" for w in res["warm_steps"])
+    print(
+        f"\ncold vs warm start at the parameters after one SGD step on the probe loss ({norms}); "
+        "warm = init=<result at the trained parameters>"
+    )
+    print(
+        f"{'lr':<6} {'which':<6} {'start':<5} {'lambda_max':>12} {'lambda_min':>13} {'HVPs':>7} {'top':>4} "
+        f"{'conv':<11} {'sec':>7}"
+    )
     for c in res["cold_warm"]:
+        hvps = str(c["n_hvp"]) + (f"+{c['n_hvp_check']}" if c["n_hvp_check"] else "")
         conv = f"max={'y' if c['converged_max'] else 'n'}" + (
-            f" min={'y' if c['converged_min'] else 'n'}" if c["converged_min"] is not None else "")
-        print(f"{c['which']:<6} {c['start']:<5} {_fmt(c['lambda_max'], '.8g'):>12} {_fmt(c['lambda_min'], '.7g'):>13} "
-              f"{c['n_hvp']:>5} {_fmt(c['n_hvp_top'], 'd'):>4} {conv:<9} {c['seconds']:>7.3f}")
+            f" min={'y' if c['converged_min'] else 'n'}" if c["converged_min"] is not None else ""
+        )
+        print(
+            f"{c['lr']:<6g} {c['which']:<6} {c['start']:<5} {_fmt(c['lambda_max'], '.8g'):>12} "
+            f"{_fmt(c['lambda_min'], '.7g'):>13} {hvps:>7} {_fmt(c['n_hvp_top'], 'd'):>4} {conv:<11} "
+            f"{c['seconds']:>7.3f}"
+        )
     print("\ncost of one product (CPU, 1 thread, full probe batch, median)")
     print(f"{'variant':<32} {'ms':>8} {'x gradient':>11} {'rel. err vs fp64 Hv':>20}  note")
     for e in res["engines"]:
-        print(f"{e['variant']:<32} {e['ms']:>8.2f} {e['x_grad']:>11.2f} {_fmt(e['rel_err_vs_fp64'], '.1e'):>20}  "
-              f"{e.get('note', '')}")
-    print(f"\nmodel state unchanged by all our calls: {res['model_state_unchanged']}; problem took {res['seconds']:.1f} s")
+        print(
+            f"{e['variant']:<32} {e['ms']:>8.2f} {e['x_grad']:>11.2f} {_fmt(e['rel_err_vs_fp64'], '.1e'):>20}  "
+            f"{e.get('note', '')}"
+        )
+    print(
+        f"\nmodel state unchanged by all our calls: {res['model_state_unchanged']}; problem took {res['seconds']:.1f} s"
+    )
 
 
 def _find(rows: list[dict[str, Any]], lib: str, prefix: str) -> dict[str, Any] | None:
     return next((r for r in rows if r["lib"] == lib and r["method"].startswith(prefix)), None)
+
+
+def _hv(r: dict[str, Any]) -> str:
+    return f"{r['n_hvp']}" + (f"+{r['n_hvp_check']}" if r.get("n_hvp_check") else "")
 
 
 def ratios(name: str, res: dict[str, Any]) -> dict[str, Any]:
@@ -521,41 +809,62 @@ def ratios(name: str, res: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     print(f"\n[{name}]")
     ph = _find(rows, "pyhessian", "eigenvalues")
-    for label, prefix in (("top only", "extremal_eigenpairs(which='top')"),
-                          ("both ends", "extremal_eigenpairs(which='both')")):
-        ours = _find(rows, "ours", prefix)
-        assert ours is not None
+    for label, method in (
+        ("top only", "extremal_eigenpairs(which='top') cold"),
+        ("top only, hvp=cached", "extremal_eigenpairs(which='top') cold, hvp=cached"),
+        ("top only, tol=1e-3", "extremal_eigenpairs(which='top', tol=1e-3) cold"),
+        ("both ends", "extremal_eigenpairs(which='both') cold"),
+    ):
+        ours = next(r for r in rows if r["lib"] == "ours" and r["method"] == method)
         if ph is None:
-            print(f"  lambda_max ({label}): ours err {ours['err_lambda_max']:.1e} in {ours['seconds']:.3f} s "
-                  "(PyHessian not installed)")
+            print(
+                f"  lambda_max ({label}): ours err {ours['err_lambda_max']:.1e} in {ours['seconds']:.3f} s "
+                "(PyHessian not installed)"
+            )
             continue
         x = ph["err_lambda_max"] / max(ours["err_lambda_max"], 1e-300)
         y = ours["seconds"] / ph["seconds"]
         ok = "PASS" if (x >= 10 and y <= 1) else "FAIL"
-        print(f"  lambda_max: ours ({label}) is {x:.3g} times more accurate than PyHessian default, in {y:.3g} "
-              f"times its wall time (err {ours['err_lambda_max']:.1e} vs {ph['err_lambda_max']:.1e}; "
-              f"{ours['seconds']:.3f} s / {ours['n_hvp']} HVPs vs {ph['seconds']:.3f} s / {ph['n_hvp']} HVPs) "
-              f"[X>=10 and Y<=1: {ok}]")
-        out[f"lambda_max_{label.replace(' ', '_')}"] = {"accuracy_ratio": x, "time_ratio": y, "pass": ok == "PASS"}
-    both = _find(rows, "ours", "extremal_eigenpairs(which='both')")
+        print(
+            f"  lambda_max: ours ({label}) is {x:.3g} times more accurate than PyHessian default, in {y:.3g} "
+            f"times its wall time (err {ours['err_lambda_max']:.1e} vs {ph['err_lambda_max']:.1e}; "
+            f"{ours['seconds']:.3f} s / {_hv(ours)} HVPs vs {ph['seconds']:.3f} s / {ph['n_hvp']} HVPs) "
+            f"[X>=10 and Y<=1: {ok}]"
+        )
+        out[f"lambda_max_{label.replace(' ', '_').replace(',', '')}"] = {
+            "accuracy_ratio": x,
+            "time_ratio": y,
+            "pass": ok == "PASS",
+        }
+    both = next(r for r in rows if r["lib"] == "ours" and r["method"] == "extremal_eigenpairs(which='both') cold")
     sa = _find(rows, "arpack", f"eigsh(k=1, SA, tol={TOL:g})")
     sae = next(r for r in rows if r["lib"] == "arpack" and r["note"].startswith("tol scaled"))
     ar = _find(rows, "arpack", "extremal_eigenpairs(solver='arpack')")
     assert both and sa and ar
     ar_sa = ar["n_hvp"] - (ar["n_hvp_top"] or 0)
-    print(f"  lambda_min: ours {both['n_hvp']} HVPs (both ends, converged: {both['converged']}, "
-          f"err/width {both['err_lambda_min_over_width']:.1e}) vs ARPACK SA {sa['n_hvp']} HVPs at the same "
-          f"tolerance {TOL:g} (eigsh direct, err/width {_fmt(sa['err_lambda_min_over_width'], '.1e')}; "
-          f"{ar_sa} inside solver='arpack' after {ar['n_hvp_top']} for LA); "
-          f"ARPACK SA with tol scaled to our criterion: {sae['n_hvp']} HVPs")
-    out["lambda_min"] = {"ours_n_hvp": both["n_hvp"], "arpack_sa_n_hvp": sa["n_hvp"], "arpack_sa_in_solver": ar_sa,
-                         "arpack_sa_equivalent_tol_n_hvp": sae["n_hvp"]}
-    cw = {(c["which"], c["start"]): c for c in res["cold_warm"]}
-    print(f"  cold vs warm (one SGD step): both ends {cw[('both', 'cold')]['n_hvp']} -> "
-          f"{cw[('both', 'warm')]['n_hvp']} HVPs (top converged after {cw[('both', 'cold')]['n_hvp_top']} -> "
-          f"{cw[('both', 'warm')]['n_hvp_top']}); top only {cw[('top', 'cold')]['n_hvp']} -> "
-          f"{cw[('top', 'warm')]['n_hvp']} HVPs")
-    out["cold_warm"] = {f"{k[0]}_{k[1]}": v["n_hvp"] for k, v in cw.items()}
+    print(
+        f"  lambda_min: ours {_hv(both)} HVPs (both ends, converged: {both['converged']}, "
+        f"err/width {both['err_lambda_min_over_width']:.1e}) vs ARPACK SA {sa['n_hvp']} HVPs at the same "
+        f"tolerance {TOL:g} (eigsh direct, err/width {_fmt(sa['err_lambda_min_over_width'], '.1e')}; "
+        f"{ar_sa} inside solver='arpack' after {ar['n_hvp_top']} for LA); "
+        f"ARPACK SA with tol scaled to our criterion: {sae['n_hvp']} HVPs"
+    )
+    out["lambda_min"] = {
+        "ours_n_hvp": both["n_hvp"],
+        "arpack_sa_n_hvp": sa["n_hvp"],
+        "arpack_sa_in_solver": ar_sa,
+        "arpack_sa_equivalent_tol_n_hvp": sae["n_hvp"],
+    }
+    cw = {(c["lr"], c["which"], c["start"]): c for c in res["cold_warm"]}
+    out["cold_warm"] = {}
+    for lr in SGD_LR_WARM:
+        print(
+            f"  cold vs warm (one SGD step, lr={lr:g}): both ends {cw[(lr, 'both', 'cold')]['n_hvp']} -> "
+            f"{cw[(lr, 'both', 'warm')]['n_hvp']} HVPs (top converged after {cw[(lr, 'both', 'cold')]['n_hvp_top']}"
+            f" -> {cw[(lr, 'both', 'warm')]['n_hvp_top']}); top only {cw[(lr, 'top', 'cold')]['n_hvp']} -> "
+            f"{cw[(lr, 'top', 'warm')]['n_hvp']} HVPs"
+        )
+        out["cold_warm"].update({f"lr{lr:g}_{k[1]}_{k[2]}": v["n_hvp"] for k, v in cw.items() if k[0] == lr})
     eng = {e["variant"]: e["x_grad"] for e in res["engines"]}
     parts = [f"{k.replace('hvp ', '')} {v:.2f}x" for k, v in eng.items() if k.startswith("hvp ")]
     print(f"  one HVP / one gradient: {', '.join(parts)}; forward only {eng['forward only (objective.loss)']:.2f}x")
@@ -577,12 +886,16 @@ def _clean(obj: Any) -> Any:
 
 def main() -> None:
     t0 = time.perf_counter()
-    print(f"lightning_hessian {lightning_hessian.__version__}, torch {torch.__version__}, scipy {scipy.__version__}, "
-          f"python {platform.python_version()}, threads {torch.get_num_threads()}, tol {TOL:g}")
+    print(
+        f"lightning_hessian {lightning_hessian.__version__}, torch {torch.__version__}, scipy {scipy.__version__}, "
+        f"python {platform.python_version()}, threads {torch.get_num_threads()}, tol {TOL:g}"
+    )
     if not (HAVE_PYHESSIAN and HAVE_EIGTHINGS):
         print("not installed: pip install --no-deps pyhessian hessian-eigenthings  (skipping those rows)")
-    print(f"anchors: pyhessian {anchor_version('pyhessian') if HAVE_PYHESSIAN else 'missing'}, "
-          f"hessian-eigenthings {anchor_version('hessian-eigenthings') if HAVE_EIGTHINGS else 'missing'}")
+    print(
+        f"anchors: pyhessian {anchor_version('pyhessian') if HAVE_PYHESSIAN else 'missing'}, "
+        f"hessian-eigenthings {anchor_version('hessian-eigenthings') if HAVE_EIGTHINGS else 'missing'}"
+    )
     results: dict[str, Any] = {}
     for make in (make_mlp, make_cnn):
         problem = make()
@@ -593,11 +906,18 @@ def main() -> None:
     print(f"\ntotal wall time {total:.1f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "meta": {"lightning_hessian": lightning_hessian.__version__, "torch": torch.__version__,
-                 "scipy": scipy.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-                 "tol": TOL, "seed": SEED, "pyhessian": anchor_version("pyhessian") if HAVE_PYHESSIAN else None,
-                 "hessian_eigenthings": anchor_version("hessian-eigenthings") if HAVE_EIGTHINGS else None,
-                 "total_seconds": total},
+        "meta": {
+            "lightning_hessian": lightning_hessian.__version__,
+            "torch": torch.__version__,
+            "scipy": scipy.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "tol": TOL,
+            "seed": SEED,
+            "pyhessian": anchor_version("pyhessian") if HAVE_PYHESSIAN else None,
+            "hessian_eigenthings": anchor_version("hessian-eigenthings") if HAVE_EIGTHINGS else None,
+            "total_seconds": total,
+        },
         "problems": results,
         "summary": summary,
     }

@@ -39,7 +39,10 @@ class _HessianMonitorCore:
     Args:
         every_n_steps: measure every this many optimizer steps (``None``: not on a step schedule).
         every_n_epochs: measure at the end of every this many training epochs (``None``: never).
-        at_fit_start: measure before the first optimizer step (or at the resumed step).
+        at_fit_start: measure before the first optimizer step (or at the resumed step). With a probe
+            set captured from training batches, this waits until the set is complete: the
+            measurement comes before the update of batch ``probe_batches - 1`` (step
+            ``probe_batches - 1``); give a ``probe_dataloader`` (or ``probe_batches=1``) for step 0.
         at_fit_end: measure when training ends.
         quantities: any of ``"eigenvalues"`` (lambda_max and the top ``k``), ``"lambda_min"`` (the
             most negative eigenvalue, from the same Lanczos run), ``"trace"`` (Hutch++) and

@@ -7,13 +7,13 @@ whose ``metrics`` use the metric names of the design (without prefix).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import Tensor
 
+from lightning_hessian.indicators import saddle_visibility
 from lightning_hessian.objective import Objective
 from lightning_hessian.spectrum import EigenResult, extremal_eigenpairs
 from lightning_hessian.trace import TraceEstimate, hutchinson_trace, slope_fit_trace
@@ -145,14 +145,3 @@ def _measure(
     metrics["loss_evaluations"] = float(objective.n_loss - loss_before)
     metrics["seconds"] = time.perf_counter() - start
     return Measurement(metrics=metrics, eigen=eigen, trace=trace, slope_fit=slope, num_params=n)
-
-
-def saddle_visibility(trace: float, trace_sq: float) -> float:
-    """Probability that a random Gaussian 2-D plane shows a saddle: ``exp(-tr^2 / (4 tr(H^2))) / sqrt(2)``.
-
-    Böttcher & Wheeler's large-N estimate: with tr H = 0 it is 1/sqrt(2); it falls quickly as the
-    positive mean curvature starts to dominate, and then random-direction plots hide saddles.
-    """
-    if not (math.isfinite(trace) and math.isfinite(trace_sq)) or trace_sq <= 0:
-        return float("nan")
-    return math.exp(-(trace**2) / (4.0 * trace_sq)) / math.sqrt(2.0)

@@ -183,6 +183,15 @@ class Objective:
         """Current values of the selected parameters as one flat vector (a copy)."""
         return flatten([p.detach() for p in self._params])
 
+    @property
+    def param_shapes(self) -> list[tuple[str, torch.Size]]:
+        """``(name, shape)`` of each selected parameter, in flat-vector order."""
+        return [(n, p.shape) for n, p in zip(self.param_names, self._params)]
+
+    def split(self, vector: Tensor) -> list[Tensor]:
+        """Views of a flat vector shaped like the selected parameters (in ``param_names`` order)."""
+        return unflatten(vector, self._params)
+
     # ------------------------------------------------------------------ public operations
     def loss(self) -> float:
         """Objective value at the current parameters; raises :class:`NonFiniteLossError` if not finite."""

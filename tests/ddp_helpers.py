@@ -1,0 +1,54 @@
+"""Module-level helpers for the ddp_spawn tests: ddp_spawn pickles the Trainer, so nothing here may be a closure."""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+from typing import Any
+
+import torch
+from pytorch_lightning.loggers import Logger
+from torch.utils.data import DataLoader
+
+from lightning_models import make_data
+
+
+class RankRecordingLogger(Logger):
+    """Records every ``log_metrics`` call on *every* rank, one JSON line per call in ``rank{r}.jsonl``.
+
+    Lightning's own loggers are ``rank_zero_only``, so they cannot show that another rank logged
+    too; this one does not filter, so a metric logged by rank 1 shows up in ``rank1.jsonl``.
+    """
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        self.directory = directory
+
+    @property
+    def name(self) -> str:
+        return "rank_recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        os.makedirs(self.directory, exist_ok=True)
+        with open(os.path.join(self.directory, f"rank{rank}.jsonl"), "a") as fh:
+            fh.write(json.dumps({"step": step, "metrics": {k: float(v) for k, v in metrics.items()}}) + "\n")
+
+
+def ddp_train_loader(n: int = 192, batch_size: int = 32) -> DataLoader:
+    """``lightning_models.train_loader`` without its ``torch.Generator``.
+
+    Under ddp_spawn the loader is pickled into the workers, and with torch's default
+    ``file_descriptor`` sharing strategy a pickled ``torch.Generator`` fails to rebuild in the
+    child here (``RuntimeError: unable to resize file <filename not specified> to the right size``).
+    DDP swaps the sampler for a seeded ``DistributedSampler`` anyway, so the shuffle stays deterministic.
+    """
+    return DataLoader(make_data(n, seed=0), batch_size=batch_size, shuffle=True)

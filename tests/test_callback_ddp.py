@@ -1,0 +1,180 @@
+"""HessianMonitor under 2-process DDP on CPU (ddp_spawn, gloo) against single-process runs and a dense Hessian.
+
+ddp_spawn runs the Trainer in subprocesses, so the callback object in this process is never
+updated: results are read back from what rank zero wrote (the CSVLogger's metrics.csv and the
+callback's ``hessian/hessian.jsonl``), and from a logger that records every rank's calls. The
+DDP run happens once per module (about 20 s on 2 cores); every test below reads its outputs.
+
+Under DDP the training trajectory differs from a single-process one (each rank sees half of the
+data), so the operators are compared (a) at step 0, on the initial weights, which both runs share,
+and (b) at the final step, on the final DDP weights (ddp_spawn hands them back to this process).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch import Tensor
+
+from ddp_helpers import RankRecordingLogger, ddp_train_loader
+from lightning_hessian import HessianMonitor
+from lightning_models import TanhModule, dense_spectrum_at, probe_loader, probe_loss, train_loader, trainer_kwargs
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ddp_spawn on CPU is only tested on Linux"),
+]
+
+MAX_STEPS = 4
+EVERY = 2
+EXPECTED_STEPS = [0, 2, 4]  # at_fit_start (0), every 2 steps (2, 4); at_fit_end at 4 must not repeat it
+MONITOR_KWARGS: dict[str, Any] = dict(
+    loss_fn=probe_loss,
+    quantities=("eigenvalues", "lambda_min", "trace"),
+    tol=1e-5,
+    max_hvp=150,
+    trace_hvp=30,
+    seed=3,
+)
+
+
+def _monitor(**overrides: Any) -> HessianMonitor:
+    kwargs: dict[str, Any] = dict(
+        probe_dataloader=probe_loader(),
+        every_n_steps=EVERY,
+        every_n_epochs=None,
+        at_fit_start=True,
+        at_fit_end=True,
+        **MONITOR_KWARGS,
+    )
+    kwargs.update(overrides)
+    return HessianMonitor(**kwargs)
+
+
+def _single_process_measurement(state: dict[str, Tensor], tmp: Path) -> dict[str, float]:
+    """One single-process measurement on ``state``'s weights: at_fit_start, before any optimizer step."""
+    model = TanhModule()
+    model.load_state_dict(state)
+    monitor = _monitor(every_n_steps=None, at_fit_end=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp, max_steps=1, callbacks=[monitor]))
+    trainer.fit(model, train_loader())
+    assert [int(h["step"]) for h in monitor.history] == [0], monitor.history
+    return monitor.history[0]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Train 2-process ddp_spawn for MAX_STEPS steps once; return what rank zero wrote and the weights."""
+    saved_env = dict(os.environ)
+    tmp = tmp_path_factory.mktemp("ddp")
+    pl.seed_everything(1234)
+    model = TanhModule()
+    initial = copy.deepcopy(model.state_dict())
+    csv_logger = CSVLogger(str(tmp), name="csv", version=0)  # fixed: this process never resolves it itself
+    kwargs = trainer_kwargs(
+        tmp,
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_steps=MAX_STEPS,
+        max_epochs=-1,
+        logger=[csv_logger, RankRecordingLogger(str(tmp / "ranks"))],
+        callbacks=[_monitor()],
+    )
+    trainer = pl.Trainer(**kwargs)
+    try:
+        trainer.fit(model, ddp_train_loader())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+    log_dir = Path(csv_logger.log_dir)
+    with open(log_dir / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    jsonl = [json.loads(line) for line in (log_dir / "hessian" / "hessian.jsonl").read_text().splitlines()]
+    return dict(
+        tmp=tmp,
+        initial=initial,
+        final=copy.deepcopy(model.state_dict()),  # ddp_spawn loads rank zero's final weights back into `model`
+        rows=rows,
+        jsonl=jsonl,
+        ranks_dir=tmp / "ranks",
+    )
+
+
+def _csv_by_step(rows: list[dict[str, str]], key: str) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for row in rows:
+        if row.get(key, ""):
+            out.setdefault(int(row["step"]), []).append(float(row[key]))
+    return out
+
+
+def test_rank_zero_logs_once_per_scheduled_step(ddp_run: dict[str, Any]) -> None:
+    # metrics.csv: exactly one row carrying hessian/lambda_max per expected step, nothing else.
+    by_step = _csv_by_step(ddp_run["rows"], "hessian/lambda_max")
+    assert sorted(by_step) == EXPECTED_STEPS
+    assert all(len(v) == 1 for v in by_step.values()), by_step
+    # The run-directory JSONL record: one line per measurement, same steps, same values as the CSV.
+    assert [int(e["step"]) for e in ddp_run["jsonl"]] == EXPECTED_STEPS
+    for entry in ddp_run["jsonl"]:
+        assert entry["lambda_max"] == pytest.approx(by_step[int(entry["step"])][0], rel=1e-6)
+        assert entry["eigenvalues"][0] == pytest.approx(entry["lambda_max"], rel=1e-12)
+    # A logger that records every rank: rank 0 logged each step's Hessian metrics once, rank 1 never.
+    records = {
+        rank: [json.loads(line) for line in (ddp_run["ranks_dir"] / f"rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    }
+    assert records[1], "rank 1 logged nothing at all: the recording logger does not see rank 1"
+    hessian_calls = {
+        rank: [r["step"] for r in recs if any(k.startswith("hessian/") for k in r["metrics"])]
+        for rank, recs in records.items()
+    }
+    assert hessian_calls[0] == EXPECTED_STEPS
+    assert hessian_calls[1] == []
+
+
+def test_ddp_lambda_max_at_start_matches_single_process_and_dense(ddp_run: dict[str, Any]) -> None:
+    ddp = {int(e["step"]): e for e in ddp_run["jsonl"]}[0]
+    single = _single_process_measurement(ddp_run["initial"], ddp_run["tmp"] / "single_start")
+    # Same operator (the full probe set, split 2 + 2 batches across ranks and all-reduced): same numbers.
+    assert _rel(ddp["lambda_max"], single["lambda_max"]) < 1e-5, (ddp["lambda_max"], single["lambda_max"])
+    assert _rel(ddp["trace"], single["trace"]) < 1e-5, (ddp["trace"], single["trace"])
+    assert ddp["lambda_min_converged"] == 1.0 and single["lambda_min_converged"] == 1.0
+    assert _rel(ddp["lambda_min"], single["lambda_min"]) < 1e-5, (ddp["lambda_min"], single["lambda_min"])
+    # Independent ground truth: the dense float64 Hessian of the whole probe set on the initial weights.
+    model = TanhModule()
+    model.load_state_dict(ddp_run["initial"])
+    dense_max, dense_min = dense_spectrum_at(model, probe_loader())
+    assert _rel(ddp["lambda_max"], dense_max) < 1e-4, (ddp["lambda_max"], dense_max)
+    assert abs(ddp["lambda_min"] - dense_min) < 1e-4 * (dense_max - dense_min), (ddp["lambda_min"], dense_min)
+    # The comparison can tell: one rank's share alone (probe batches 0 and 2) has a clearly different spectrum.
+    share_max, _ = dense_spectrum_at(model, list(probe_loader())[0::2])
+    assert _rel(share_max, dense_max) > 1e-3, (share_max, dense_max)
+
+
+def test_ddp_final_measurement_matches_single_process_on_final_weights(ddp_run: dict[str, Any]) -> None:
+    final, initial = ddp_run["final"], ddp_run["initial"]
+    assert any(not torch.equal(final[k], initial[k]) for k in final), "the DDP weights did not come back"
+    ddp = {int(e["step"]): e for e in ddp_run["jsonl"]}[MAX_STEPS]
+    single = _single_process_measurement(final, ddp_run["tmp"] / "single_final")
+    assert _rel(ddp["lambda_max"], single["lambda_max"]) < 1e-5, (ddp["lambda_max"], single["lambda_max"])
+    model = TanhModule()
+    model.load_state_dict(final)
+    dense_max, _ = dense_spectrum_at(model, probe_loader())
+    assert _rel(ddp["lambda_max"], dense_max) < 1e-4, (ddp["lambda_max"], dense_max)
+    assert math.isfinite(ddp["trace"])

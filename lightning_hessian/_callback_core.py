@@ -8,9 +8,11 @@ overridable predicate, :meth:`should_measure`), *on what* (a fixed probe set), r
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -19,8 +21,10 @@ from torch import Tensor
 
 from lightning_hessian import sinks
 from lightning_hessian._probe import detached_copy, load_probe_dataloader, resolve_loss_fn, to_cpu, to_device
+from lightning_hessian.frames import FrameState, LandscapeConfig, landscape_frame
 from lightning_hessian.measure import QUANTITIES, MeasureConfig, Measurement, measure
 from lightning_hessian.objective import HvpEngine, Objective
+from lightning_hessian.snapshots import Snapshot, list_snapshots, save_snapshot
 from lightning_hessian.spectrum import EigenResult
 
 _SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
@@ -75,9 +79,23 @@ class _HessianMonitorCore:
             ``"raise"``: re-raise it.
         allow_untested: run under strategies other than single-device and DDP (FSDP, DeepSpeed,
             ...) instead of refusing them at setup.
+        landscape_every_n_steps: take a loss-landscape snapshot every this many optimizer steps.
+        landscape_every_n_epochs: take one at the end of every this many epochs (both ``None``:
+            no landscapes). A snapshot evaluates ``landscape_resolution**2`` grid points per plane,
+            one forward pass of the probe set each.
+        landscape_planes: ``"random"`` (filter-normalised Gaussian directions, fixed for the run)
+            and/or ``"hessian"`` (eigenvectors of lambda_max and lambda_min), drawn side by side.
+        landscape_resolution: odd number of grid points per axis (the weights sit at the centre).
+        landscape_span: half-width of the planes; ``None``: 1 filter unit for random planes and the
+            curvature scale for Hessian planes (recorded with every snapshot).
+        landscape_val_dataloader: validation batches evaluated on the same planes.
+        landscape_log_scale: draw log10 of the loss.
+        landscape_animation: ``"end"``: an animated GIF of all frames at the end of fit;
+            ``"always"``: also refreshed after every snapshot; ``"never"``.
 
     Attributes:
         last_measurement: the latest :class:`lightning_hessian.measure.Measurement` (or ``None``).
+        last_snapshot: the latest landscape :class:`lightning_hessian.snapshots.Snapshot` (or ``None``).
         history: every measurement's metrics with its ``step`` and ``epoch``.
 
     Raises:
@@ -110,9 +128,22 @@ class _HessianMonitorCore:
         prefix: str = "hessian",
         on_error: Literal["warn", "raise"] = "warn",
         allow_untested: bool = False,
+        landscape_every_n_steps: int | None = None,
+        landscape_every_n_epochs: int | None = None,
+        landscape_planes: Sequence[str] = ("random", "hessian"),
+        landscape_resolution: int = 21,
+        landscape_span: float | None = None,
+        landscape_val_dataloader: Iterable[Any] | None = None,
+        landscape_log_scale: bool = False,
+        landscape_animation: Literal["end", "always", "never"] = "end",
     ) -> None:
         super().__init__()
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+        for name, value in (
+            ("every_n_steps", every_n_steps),
+            ("every_n_epochs", every_n_epochs),
+            ("landscape_every_n_steps", landscape_every_n_steps),
+            ("landscape_every_n_epochs", landscape_every_n_epochs),
+        ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if isinstance(quantities, str):
@@ -134,6 +165,19 @@ class _HessianMonitorCore:
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
             raise ValueError(f"prefix must be a non-empty string without a trailing '/', got {prefix!r}")
+        if landscape_animation not in ("end", "always", "never"):
+            raise ValueError(f"landscape_animation must be 'end', 'always' or 'never', got {landscape_animation!r}")
+        if isinstance(landscape_planes, str):
+            raise ValueError(f"landscape_planes must be a list such as ['random', 'hessian'], not {landscape_planes!r}")
+        self.landscape_config = LandscapeConfig(
+            planes=tuple(landscape_planes), resolution=landscape_resolution, span=landscape_span, seed=seed
+        )
+        self.landscape_every_n_steps = landscape_every_n_steps
+        self.landscape_every_n_epochs = landscape_every_n_epochs
+        self.landscape_val_dataloader = landscape_val_dataloader
+        self.landscape_log_scale = landscape_log_scale
+        self.landscape_animation = landscape_animation
+        self.landscape_prefix = "landscape" if prefix == "hessian" else f"{prefix}_landscape"
         self.config = MeasureConfig(
             quantities=tuple(quantities),
             k=k,
@@ -170,9 +214,17 @@ class _HessianMonitorCore:
         self._probe_from_training = False
         self._warm: EigenResult | Tensor | None = None
         self._warm_names: list[str] | None = None
+        self.last_snapshot: Snapshot | None = None
+        self._ls_slot = 0
+        self._ls_last_step = -1
+        self._ls_state = FrameState()
+        self._ls_files: list[str] = []
+        self._ls_limits: tuple[float, float] | None = None
+        self._val_probe: list[Any] = []
         # Per-fit bookkeeping.
         self._objective: Objective | None = None
         self._objective_names: list[str] = []
+        self._val_objective: Objective | None = None
         self._loss: Callable[[Any, Any], Tensor] | None = None
         self._fit_started_at = 0.0
         self._measure_seconds = 0.0
@@ -213,10 +265,17 @@ class _HessianMonitorCore:
             self._probe_from_training = False
         elif self._probe:
             self._probe = [to_device(b, pl_module.device) for b in self._probe]  # restored from a checkpoint
+        if self.landscape_val_dataloader is not None and self._landscapes_on:
+            self._val_probe = load_probe_dataloader(self.landscape_val_dataloader, trainer, pl_module)
+        self._val_objective = None
+        self._ls_state.random_plane = _to_device_pair(self._ls_state.random_plane, pl_module.device)
+        self._ls_state.hessian_plane = _to_device_pair(self._ls_state.hessian_plane, pl_module.device)
         if trainer.is_global_zero:
             monitors = [c for c in trainer.callbacks if isinstance(c, _HessianMonitorCore)]
             if monitors and monitors[0] is self:
                 sinks.write_tensorboard_layout(trainer.loggers, [m.prefix for m in monitors])
+            if self._landscapes_on:
+                self._carry_over_frames(trainer)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.at_fit_start and self._probe_complete():
@@ -235,15 +294,25 @@ class _HessianMonitorCore:
         if self.every_n_steps is not None and step > self._last_step and self.should_measure(trainer, step=step):
             self._last_step = step
             self._measure(trainer, pl_module)
+        n = self.landscape_every_n_steps
+        if n is not None and step > self._ls_slot and step - self._ls_slot >= n:
+            self._ls_slot = step
+            self._snapshot(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.every_n_epochs is not None and self.should_measure(trainer, epoch=trainer.current_epoch):
             self._measure(trainer, pl_module)
+        n = self.landscape_every_n_epochs
+        if n is not None and (trainer.current_epoch + 1) % n == 0:
+            self._snapshot(trainer, pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.at_fit_end:
             self._measure(trainer, pl_module)
+        if self._landscapes_on and self.landscape_animation != "never" and trainer.is_global_zero:
+            self._guarded(trainer, "the landscape animation", lambda: self._animate(trainer))
         self._objective = None
+        self._val_objective = None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._objective = None
@@ -275,6 +344,14 @@ class _HessianMonitorCore:
             "warm_start_params": self._warm_names,
             "probe": [to_cpu(b) for b in self._probe] if self._probe_from_training else [],
             "history": list(self.history),
+            "landscape": {
+                "slot": self._ls_slot,
+                "last_step": self._ls_last_step,
+                "files": list(self._ls_files),
+                "limits": self._ls_limits,
+                "random_plane": _to_device_pair(self._ls_state.random_plane, torch.device("cpu")),
+                "hessian_plane": _to_device_pair(self._ls_state.hessian_plane, torch.device("cpu")),
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -287,6 +364,15 @@ class _HessianMonitorCore:
         self._probe = list(state_dict.get("probe", []))
         self._probe_from_training = bool(self._probe)
         self.history = list(state_dict.get("history", []))
+        landscape = state_dict.get("landscape") or {}
+        self._ls_slot = int(landscape.get("slot", 0))
+        self._ls_last_step = int(landscape.get("last_step", -1))
+        self._ls_files = list(landscape.get("files", []))
+        limits = landscape.get("limits")
+        self._ls_limits = None if limits is None else (float(limits[0]), float(limits[1]))
+        self._ls_state = FrameState(
+            random_plane=landscape.get("random_plane"), hessian_plane=landscape.get("hessian_plane")
+        )
 
     # ------------------------------------------------------------------ measuring
     def _probe_complete(self) -> bool:
@@ -297,25 +383,23 @@ class _HessianMonitorCore:
     def _make_objective(self, trainer: Any, pl_module: Any) -> Objective:
         names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
         if self._objective is None or self._objective_names != names:
-            all_reduce = None
-            if int(trainer.world_size) > 1:
-                strategy = trainer.strategy
-
-                def all_reduce(t: Tensor) -> Tensor:
-                    return strategy.reduce(t, reduce_op="sum")  # type: ignore[no-any-return]
-
-            assert self._loss is not None
-            self._objective = Objective(
-                pl_module,
-                self._loss,
-                self._probe,
-                params=self.params,
-                hvp=self.hvp,
-                mode=self.mode,
-                all_reduce_sum=all_reduce,
-            )
+            self._objective = self._build_objective(trainer, pl_module, self._probe)
+            self._val_objective = None
             self._objective_names = names
         return self._objective
+
+    def _build_objective(self, trainer: Any, pl_module: Any, batches: list[Any]) -> Objective:
+        all_reduce = None
+        if int(trainer.world_size) > 1:
+            strategy = trainer.strategy
+
+            def all_reduce(t: Tensor) -> Tensor:
+                return strategy.reduce(t, reduce_op="sum")  # type: ignore[no-any-return]
+
+        assert self._loss is not None
+        return Objective(
+            pl_module, self._loss, batches, params=self.params, hvp=self.hvp, mode=self.mode, all_reduce_sum=all_reduce
+        )
 
     def _within_budget(self, trainer: Any) -> bool:
         """Rank zero decides (wall clocks differ across ranks), every rank follows."""
@@ -390,3 +474,122 @@ class _HessianMonitorCore:
             entry["ritz_values"] = list(result.eigen.ritz_values)
         name = self.prefix.replace("/", "_") + ".jsonl"
         sinks.append_jsonl(sinks.run_directory(trainer.loggers, trainer.default_root_dir) / "hessian" / name, entry)
+
+    # ------------------------------------------------------------------ landscapes
+    @property
+    def _landscapes_on(self) -> bool:
+        return self.landscape_every_n_steps is not None or self.landscape_every_n_epochs is not None
+
+    def _landscape_dir(self, trainer: Any) -> Path:
+        return sinks.run_directory(trainer.loggers, trainer.default_root_dir) / "landscape" / self.prefix
+
+    def _guarded(self, trainer: Any, what: str, fn: Callable[[], Any]) -> bool:
+        """Run ``fn``; a failure becomes one warning (or is re-raised with ``on_error="raise"``)."""
+        try:
+            fn()
+        except Exception as err:
+            self._n_failed += 1
+            if self.on_error == "raise":
+                raise
+            rank_zero_warn(
+                f"HessianMonitor({self.prefix}): {what} at step {trainer.global_step} failed and was "
+                f"skipped ({type(err).__name__}: {err}); training goes on. Pass on_error='raise' to "
+                "stop instead."
+            )
+            return False
+        return True
+
+    def _snapshot(self, trainer: Any, pl_module: Any) -> None:
+        step = int(trainer.global_step)
+        if trainer.sanity_checking or step == self._ls_last_step or not self._probe_complete():
+            return
+        if not self._within_budget(trainer):
+            self._n_skipped += 1
+            rank_zero_info(
+                f"HessianMonitor({self.prefix}): skipped the landscape at step {step}: it would push "
+                f"the measuring time past max_overhead={self.max_overhead} of the training time"
+            )
+            return
+        started = time.perf_counter()
+        try:
+            self._guarded(trainer, "the landscape snapshot", lambda: self._take_snapshot(trainer, pl_module, step))
+        finally:
+            self._measure_seconds += time.perf_counter() - started
+
+    def _take_snapshot(self, trainer: Any, pl_module: Any, step: int) -> None:
+        objective = self._make_objective(trainer, pl_module)
+        if self._val_probe and self._val_objective is None:
+            self._val_objective = self._build_objective(trainer, pl_module, self._val_probe)
+        eigen = None
+        last = self.last_measurement
+        if last is not None and self._last_measured_step == step and last.eigen is not None:
+            eigen = last.eigen if last.eigen.vector_min is not None else None
+        snap = landscape_frame(
+            objective,
+            self.landscape_config,
+            self._ls_state,
+            step=step,
+            epoch=int(trainer.current_epoch),
+            eigen=eigen,
+            val_objective=self._val_objective,
+            max_hvp=self.config.max_hvp,
+        )
+        self._ls_last_step = step
+        self.last_snapshot = snap
+        if trainer.is_global_zero:
+            self._publish(trainer, snap)
+
+    def _publish(self, trainer: Any, snap: Snapshot) -> None:
+        """Rank zero: the .npz file, the scalars, the pictures (and the animation if asked for)."""
+        import lightning_hessian.render as render
+
+        path = save_snapshot(self._landscape_dir(trainer), snap)
+        self._ls_files.append(str(path))
+        lp = self.landscape_prefix
+        sinks.log_scalars(trainer.loggers, {f"{lp}/{k}": v for k, v in snap.scalars.items()}, snap.step)
+        if not any(sinks.is_tensorboard(lg) or sinks.is_wandb(lg) for lg in trainer.loggers):
+            return
+        try:
+            lo, hi = render.color_limits(snap.planes.values(), log_scale=self.landscape_log_scale)
+            if self._ls_limits is not None:  # one colour scale for all frames so far
+                lo, hi = min(lo, self._ls_limits[0]), max(hi, self._ls_limits[1])
+            self._ls_limits = (lo, hi)
+        except ValueError:  # no finite loss on any plane (a diverged model): keep the scale so far
+            pass
+        limits = self._ls_limits
+        figures = {f"{lp}/planes": snap}
+        for kind, surface in snap.planes.items():
+            figures[f"{lp}/{kind}"] = Snapshot(
+                step=snap.step, epoch=snap.epoch, planes={kind: surface}, scalars=snap.scalars, meta=snap.meta
+            )
+        for tag, frame in figures.items():
+            fig = render.snapshot_figure(frame, limits=limits, log_scale=self.landscape_log_scale)
+            sinks.log_image(trainer.loggers, tag, render.figure_to_rgb(fig), snap.step)
+        if self.landscape_animation == "always":
+            self._animate(trainer)
+
+    def _animate(self, trainer: Any) -> None:
+        """Re-render every frame of the run on one colour scale and log the animated GIF."""
+        import lightning_hessian.render as render
+
+        directory = self._landscape_dir(trainer)
+        if not list_snapshots(directory):
+            return
+        written = render.render_run(directory, log_scale=self.landscape_log_scale)
+        gif = next((p for p in written if p.suffix == ".gif"), None)
+        if gif is not None:
+            sinks.log_animation(trainer.loggers, f"{self.landscape_prefix}/animation", gif, int(trainer.global_step))
+
+    def _carry_over_frames(self, trainer: Any) -> None:
+        """After a resume into a new log directory, copy the earlier frames so the animation stays whole."""
+        directory = self._landscape_dir(trainer)
+        for name in self._ls_files:
+            source = Path(name)
+            target = directory / source.name
+            if source.exists() and not target.exists():
+                directory.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+
+
+def _to_device_pair(pair: tuple[Tensor, Tensor] | None, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    return None if pair is None else (pair[0].to(device), pair[1].to(device))

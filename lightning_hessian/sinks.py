@@ -13,6 +13,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 
 def log_scalars(loggers: Iterable[Any], metrics: dict[str, float], step: int) -> None:
     """Send finite and non-finite scalars alike to every logger at ``step`` (``trainer.global_step``)."""
@@ -77,3 +80,32 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite_or_none(v) for v in value]
     return value
+
+
+def is_wandb(logger: Any) -> bool:
+    return type(logger).__name__ == "WandbLogger"
+
+
+def log_image(loggers: Iterable[Any], tag: str, rgb: np.ndarray, step: int) -> None:
+    """An HxWx3 uint8 image to every logger that shows images (TensorBoard, W&B); others are skipped."""
+    for logger in loggers:
+        if is_tensorboard(logger):
+            logger.experiment.add_image(tag, rgb, step, dataformats="HWC")
+        elif is_wandb(logger):
+            logger.log_image(key=tag, images=[rgb], step=step)
+
+
+def log_animation(loggers: Iterable[Any], tag: str, gif: Path, step: int) -> None:
+    """An animated GIF: an image summary in TensorBoard (which plays GIFs), a video file in W&B."""
+    data = gif.read_bytes()
+    for logger in loggers:
+        if is_tensorboard(logger):
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            with Image.open(gif) as im:
+                width, height = im.size
+            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=data)
+            logger.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+            logger.experiment.flush()
+        elif is_wandb(logger):
+            logger.log_video(key=tag, videos=[str(gif)], step=step, format=["gif"])

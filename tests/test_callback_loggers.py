@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.logger import Logger
 
@@ -111,33 +109,6 @@ class RecordingLogger(Logger):
 
     def calls_with(self, prefix: str) -> list[tuple[int | None, int, dict[str, float]]]:
         return [c for c in self.calls if any(k.startswith(prefix + "/") for k in c[2])]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The models are tiny: one intra-op thread is as fast, and avoids OpenMP spin-waiting on a busy
-    machine (on 2 shared cores this file took 36 s with 2 threads and 8 s with 1)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture
-def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """W&B offline and quiet, every file of it under tmp_path; the run is finished afterwards."""
-    wandb = pytest.importorskip("wandb")
-    root = tmp_path / "wandb_env"
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        path = root / var.lower()
-        path.mkdir(parents=True)
-        monkeypatch.setenv(var, str(path))
-    yield wandb
-    wandb.finish()
-    wandb.teardown()  # stop the wandb-core service this process started
 
 
 def test_three_loggers_match_dense_hessian_at_exact_steps(tmp_path: Path, wandb_offline: Any) -> None:

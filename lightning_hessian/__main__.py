@@ -1,0 +1,98 @@
+"""Command line: ``python -m lightning_hessian render RUN_DIR [--out DIR] [--log-scale] [--clip X] [--fps F]``.
+
+``render`` re-draws saved landscape snapshots (PNG per snapshot plus ``animation.gif``, one
+colour scale across frames) without touching a model: rendering never computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _levels(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m lightning_hessian`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_hessian",
+        description="lightning_hessian tools that work on saved results.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    render = commands.add_parser(
+        "render",
+        help="re-render saved landscape snapshots to PNGs and an animated GIF",
+        description=(
+            "Render every landscape snapshot (step_*.npz) of RUN_DIR to a PNG with one colour scale "
+            "across all frames, plus animation.gif. RUN_DIR is a snapshot directory or a run "
+            "directory with landscape/<prefix>/ folders (each prefix is rendered)."
+        ),
+    )
+    render.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="snapshot directory or run directory")
+    render.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="output folder (default: next to the snapshots)"
+    )
+    render.add_argument("--log-scale", action="store_true", help="colour by log10(loss); losses <= 0 are masked")
+    render.add_argument("--clip", type=_finite_float, default=None, metavar="X", help="cap the colour scale at loss X")
+    render.add_argument(
+        "--fps", type=_positive_float, default=2.0, metavar="F", help="animation frames per second (default 2)"
+    )
+    render.add_argument(
+        "--levels", type=_levels, default=20, metavar="N", help="maximum number of colour bands (default 20)"
+    )
+    render.add_argument("--show-val", action="store_true", help="add the validation planes as a second row")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (2 for usage errors and when no snapshot is found)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "render":
+        from lightning_hessian.render import NoSnapshotsError, render_run
+
+        try:
+            paths = render_run(
+                args.run_dir,
+                out=args.out,
+                log_scale=args.log_scale,
+                clip=args.clip,
+                fps=args.fps,
+                levels=args.levels,
+                show_val=args.show_val,
+            )
+        except NoSnapshotsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for path in paths:
+            print(path)
+        return 0
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

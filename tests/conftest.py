@@ -1,5 +1,6 @@
 """Shared test set-up: tests/ on sys.path, one torch thread, W&B offline inside tmp_path."""
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Tiny models: one intra-op thread is as fast, and two OpenMP threads per process spin-wait badly
+# on a busy 2-core machine (module-scoped training fixtures took minutes instead of seconds).
+# The environment variable reaches the processes that ddp_spawn starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -418,38 +417,38 @@ class _HessianMonitorCore:
         return None
 
     def _measure(self, trainer: Any, pl_module: Any) -> None:
+        self._run_scheduled(
+            trainer,
+            "measurement",
+            self._last_measured_step,
+            lambda step: self._take_measurement(trainer, pl_module, step),
+        )
+
+    def _run_scheduled(self, trainer: Any, what: str, last_step: int, work: Callable[[int], None]) -> None:
+        """Run one measurement or snapshot: never twice at a step, within the overhead budget, errors isolated."""
         step = int(trainer.global_step)
-        if trainer.sanity_checking or step == self._last_measured_step or not self._probe_complete():
+        if trainer.sanity_checking or step == last_step or not self._probe_complete():
             return
         if not self._within_budget(trainer):
             self._n_skipped += 1
             rank_zero_info(
-                f"HessianMonitor({self.prefix}): skipped the measurement at step {step}: it would push "
-                f"the measuring time past max_overhead={self.max_overhead} of the training time "
-                f"({self._n_skipped} skipped so far)"
+                f"HessianMonitor({self.prefix}): skipped the {what} at step {step}: it would push the measuring "
+                f"time past max_overhead={self.max_overhead} of the training time ({self._n_skipped} skipped so far)"
             )
             if trainer.is_global_zero:
                 sinks.log_scalars(trainer.loggers, {f"{self.prefix}/skipped_total": self._n_skipped}, step)
             return
         started = time.perf_counter()
         try:
-            objective = self._make_objective(trainer, pl_module)
-            warm = self._warm if self.warm_start and self._warm_names == objective.param_names else None
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-                result = measure(objective, self.config, warm_start=warm, learning_rate=self._learning_rate(trainer))
-        except Exception as err:
-            self._n_failed += 1
-            if self.on_error == "raise":
-                raise
-            rank_zero_warn(
-                f"HessianMonitor({self.prefix}): the measurement at step {step} failed and was skipped "
-                f"({type(err).__name__}: {err}); training goes on. Pass on_error='raise' to stop instead."
-            )
-            self._objective = None
-            return
+            if not self._guarded(trainer, f"the {what}", lambda: work(step)):
+                self._objective = None  # rebuilt from scratch next time
         finally:
             self._measure_seconds += time.perf_counter() - started
+
+    def _take_measurement(self, trainer: Any, pl_module: Any, step: int) -> None:
+        objective = self._make_objective(trainer, pl_module)
+        warm = self._warm if self.warm_start and self._warm_names == objective.param_names else None
+        result = measure(objective, self.config, warm_start=warm, learning_rate=self._learning_rate(trainer))
         self._last_measured_step = step
         if result.eigen is not None:
             self._warm, self._warm_names = result.eigen, objective.param_names
@@ -500,21 +499,12 @@ class _HessianMonitorCore:
         return True
 
     def _snapshot(self, trainer: Any, pl_module: Any) -> None:
-        step = int(trainer.global_step)
-        if trainer.sanity_checking or step == self._ls_last_step or not self._probe_complete():
-            return
-        if not self._within_budget(trainer):
-            self._n_skipped += 1
-            rank_zero_info(
-                f"HessianMonitor({self.prefix}): skipped the landscape at step {step}: it would push "
-                f"the measuring time past max_overhead={self.max_overhead} of the training time"
-            )
-            return
-        started = time.perf_counter()
-        try:
-            self._guarded(trainer, "the landscape snapshot", lambda: self._take_snapshot(trainer, pl_module, step))
-        finally:
-            self._measure_seconds += time.perf_counter() - started
+        self._run_scheduled(
+            trainer,
+            "landscape snapshot",
+            self._ls_last_step,
+            lambda step: self._take_snapshot(trainer, pl_module, step),
+        )
 
     def _take_snapshot(self, trainer: Any, pl_module: Any, step: int) -> None:
         objective = self._make_objective(trainer, pl_module)

@@ -32,6 +32,25 @@ class NonFiniteLossError(FloatingPointError):
     """The probe loss (or its gradient) is NaN or infinite, so curvature is undefined here."""
 
 
+class SecondOrderUnavailableError(RuntimeError):
+    """Autograd could not differentiate the gradient (an op without double backward)."""
+
+
+@contextlib.contextmanager
+def _second_order(what: str) -> Iterator[None]:
+    """Tag errors raised while building or differentiating a gradient graph, and only those.
+
+    The forward pass and the user's loss run outside this context, so their errors are never
+    mistaken for a missing double backward.
+    """
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as err:
+        if isinstance(err, (torch.OutOfMemoryError, SecondOrderUnavailableError)):
+            raise
+        raise SecondOrderUnavailableError(f"{what} failed: {type(err).__name__}: {err}".splitlines()[0]) from err
+
+
 class HvpFallbackWarning(UserWarning):
     """Double backward is unavailable for this model; HVPs fall back to finite differences."""
 
@@ -376,10 +395,8 @@ class Objective:
                         self._verify_double_backward()
                     if self._fallback_reason is None:
                         return self._hvp_cached(v)
-                except (RuntimeError, NotImplementedError) as err:
-                    if isinstance(err, (torch.OutOfMemoryError, NonFiniteLossError)):
-                        raise
-                    self._fall_back(f"{type(err).__name__}: {err}".splitlines()[0])
+                except SecondOrderUnavailableError as err:
+                    self._fall_back(str(err))
             engine = "finite_difference"
         if engine == "cached":
             return self._hvp_cached(v)
@@ -433,12 +450,14 @@ class Objective:
                 (self._weighted(w, self._batch_loss(values, b)) for w, b in zip(self._weights, self.batches)),
                 torch.zeros((), dtype=self.dtype, device=self.device),
             )
-            flat_grad = flatten(self._grads(loss, leaves, create_graph=True)) if loss.requires_grad else None
+            with _second_order("differentiable gradient graph"):
+                flat_grad = flatten(self._grads(loss, leaves, create_graph=True)) if loss.requires_grad else None
             self._cache = (key, leaves, flat_grad if flat_grad is not None else torch.zeros(0))
         _, leaves, flat_grad = self._cache
         if not flat_grad.requires_grad:
             return torch.zeros_like(v)
-        hv = torch.autograd.grad(flat_grad, leaves, grad_outputs=v, retain_graph=True, allow_unused=True)
+        with _second_order("double backward"):
+            hv = torch.autograd.grad(flat_grad, leaves, grad_outputs=v, retain_graph=True, allow_unused=True)
         return flatten([torch.zeros_like(x) if h is None else h for h, x in zip(hv, leaves)])
 
     def _hvp_double_backward(self, v: Tensor) -> Tensor:

@@ -309,3 +309,23 @@ def test_all_reduce_hook_makes_one_shard_see_the_whole_probe_set() -> None:
     # An explicit engine: this stand-in reducer only knows rank 1's share of H v for this one v.
     shard = Objective(case.model, case.loss_fn, [b0], hvp="cached", all_reduce_sum=all_reduce_sum)
     assert torch.allclose(shard.hvp(v), _objective(case).hvp(v), rtol=1e-5, atol=1e-7)
+
+
+def test_an_error_in_the_users_loss_is_not_mistaken_for_a_missing_double_backward() -> None:
+    """The loss raising must propagate as it is, without switching the objective to finite differences."""
+    case = tanh_mlp_case()
+    calls = {"n": 0}
+
+    def flaky_loss(model: nn.Module, batch: object) -> Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom in the probe loss")
+        return ce_loss(model, batch)
+
+    obj = Objective(case.model, flaky_loss, case.batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="boom in the probe loss"):
+            obj.hvp(torch.ones(obj.num_params))
+        obj.hvp(torch.ones(obj.num_params))  # works next time, still on double backward
+    assert obj.active_engine == "cached"

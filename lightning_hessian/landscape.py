@@ -156,7 +156,7 @@ def curvature_span(
 def _plane_points(d1: Tensor, d2: Tensor, alphas: np.ndarray, betas: np.ndarray) -> Iterator[Tensor]:
     for b in betas:
         for a in alphas:
-            yield float(a) * d1 + float(b) * d2
+            yield torch.mul(d1, float(a)).add_(d2, alpha=float(b))
 
 
 def loss_surface(

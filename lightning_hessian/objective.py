@@ -93,8 +93,28 @@ class _LossCall(nn.Module):
         self.model = model
         self._loss_fn = loss_fn
 
-    def forward(self, batch: Any) -> Tensor:
-        return self._loss_fn(self.model, batch)
+    def forward(self, batch: Any, weights: Sequence[float] | None = None) -> Tensor:
+        """One batch's loss; with ``weights``, ``batch`` is a list and the result their weighted sum (float64).
+
+        The second form evaluates a whole probe set under one parameter substitution, which is what
+        a grid point needs (no per-batch substitution overhead).
+        """
+        if weights is None:
+            return _checked(self._loss_fn(self.model, batch))
+        losses = torch.stack([_checked(self._loss_fn(self.model, b)).detach() for b in batch]).to(torch.float64)
+        return (losses * torch.tensor(weights, dtype=torch.float64, device=losses.device)).sum()
+
+
+def _checked(loss: Any) -> Tensor:
+    """The loss as a 0-dim tensor, or a clear error when ``loss_fn`` returned something else."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss_fn must return a scalar Tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss_fn must return a scalar (the mean loss over the batch), got shape {tuple(loss.shape)}; "
+            "reduce it, e.g. with .mean()"
+        )
+    return loss.reshape(())
 
 
 class Objective:
@@ -337,24 +357,15 @@ class Objective:
         return values
 
     def _batch_loss(self, values: dict[str, Tensor], batch: Any) -> Tensor:
-        loss = functional_call(self._call, values, (batch,), strict=False)
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"loss_fn must return a scalar Tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(
-                f"loss_fn must return a scalar (the mean loss over the batch), got shape {tuple(loss.shape)}; "
-                "reduce it, e.g. with .mean()"
-            )
-        return loss.reshape(())
+        loss: Tensor = functional_call(self._call, values, (batch,), strict=False)
+        return loss
 
     def _local_losses(self, displacements: Iterable[Tensor | None] | Tensor) -> Tensor:
+        """Sample-weighted loss sums (not yet divided by the total weight) at each displacement."""
         out = []
         for d in displacements:
             values = self._values(displacement=None if d is None else d.to(self.device, self.dtype))
-            total = torch.zeros((), dtype=torch.float64, device=self.device)
-            for w, batch in zip(self._weights, self.batches):
-                total = total + w * self._batch_loss(values, batch).detach().to(torch.float64)
-            out.append(total)
+            out.append(functional_call(self._call, values, (self.batches,), {"weights": self._weights}, strict=False))
         if not out:
             return torch.zeros(0, dtype=torch.float64, device=self.device)
         return torch.stack(out)

@@ -27,7 +27,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor
 
-from ddp_helpers import RankRecordingLogger, ddp_train_loader
+from ddp_helpers import DestroyProcessGroupAtTeardown, RankRecordingLogger, ddp_train_loader
 from lightning_hessian import HessianMonitor
 from lightning_models import TanhModule, dense_spectrum_at, probe_loader, probe_loss, train_loader, trainer_kwargs
 
@@ -94,7 +94,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         max_steps=MAX_STEPS,
         max_epochs=-1,
         logger=[csv_logger, RankRecordingLogger(str(tmp / "ranks"))],
-        callbacks=[_monitor()],
+        callbacks=[_monitor(), DestroyProcessGroupAtTeardown()],
     )
     trainer = pl.Trainer(**kwargs)
     try:

@@ -153,10 +153,11 @@ def curvature_span(
     return float(min(max(t, limits[0]), limits[1]))
 
 
-def _plane_points(d1: Tensor, d2: Tensor, alphas: np.ndarray, betas: np.ndarray) -> Iterator[Tensor]:
+def _plane_points(theta: Tensor, d1: Tensor, d2: Tensor, alphas: np.ndarray, betas: np.ndarray) -> Iterator[Tensor]:
+    """``theta + a d1 + b d2`` for every grid point, row by row, each formed afresh in two passes."""
     for b in betas:
         for a in alphas:
-            yield torch.mul(d1, float(a)).add_(d2, alpha=float(b))
+            yield torch.add(theta, d1, alpha=float(a)).add_(d2, alpha=float(b))
 
 
 def loss_surface(
@@ -190,12 +191,14 @@ def loss_surface(
     start = time.perf_counter()
     before = objective.n_loss
     shape = (len(betas), len(alphas))
-    losses = objective.losses_at(_plane_points(d1, d2, alphas, betas)).numpy().reshape(shape)
+    theta = objective.parameters()
+    losses = objective.losses_at(_plane_points(theta, d1, d2, alphas, betas), absolute=True).numpy().reshape(shape)
     val = None
     if val_objective is not None:
         if val_objective.num_params != objective.num_params:
             raise ValueError("val_objective must select the same parameters as objective")
-        val = val_objective.losses_at(_plane_points(d1, d2, alphas, betas)).numpy().reshape(shape)
+        points = _plane_points(theta, d1, d2, alphas, betas)
+        val = val_objective.losses_at(points, absolute=True).numpy().reshape(shape)
     mid = resolution // 2
     return Surface(
         alphas=alphas,
@@ -224,6 +227,11 @@ def loss_line(
 ) -> Line:
     """The loss along ``theta + t d`` for ``t`` on an exact centred grid (a 1-D cut)."""
     ts = centred_coordinates(float(span), resolution)
-    losses = objective.losses_at(float(t) * d for t in ts).numpy()
-    val = None if val_objective is None else val_objective.losses_at(float(t) * d for t in ts).numpy()
+    theta = objective.parameters()
+
+    def points() -> Iterator[Tensor]:
+        return (torch.add(theta, d, alpha=float(t)) for t in ts)
+
+    losses = objective.losses_at(points(), absolute=True).numpy()
+    val = None if val_objective is None else val_objective.losses_at(points(), absolute=True).numpy()
     return Line(ts=ts, losses=losses, val_losses=val, label=label, d_norm=float(d.norm()))

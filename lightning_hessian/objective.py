@@ -262,15 +262,17 @@ class Objective:
         self.n_hvp += 1
         return self._reduce(hv)
 
-    def losses_at(self, displacements: Tensor | Iterable[Tensor]) -> Tensor:
+    def losses_at(self, displacements: Tensor | Iterable[Tensor], *, absolute: bool = False) -> Tensor:
         """Objective values at ``theta + d`` for each displacement ``d`` (rows of a 2-D tensor, or an iterable).
 
-        Displacements are streamed: an iterable is consumed one vector at a time, so grids of any
-        size fit in memory. Non-finite losses are returned as they are (never raised), so that a
-        landscape can show where the loss diverges. Costs one forward pass of the probe set per point.
+        With ``absolute=True`` the vectors are parameter points themselves (saves a pass over the
+        parameters when the caller forms ``theta + ...`` anyway). Vectors are streamed: an iterable
+        is consumed one at a time, so grids of any size fit in memory. Non-finite losses are
+        returned as they are (never raised), so that a landscape can show where the loss diverges.
+        Costs one forward pass of the probe set per point.
         """
         with self.session(), torch.no_grad():
-            local = self._local_losses(displacements)
+            local = self._local_losses(displacements, absolute=absolute)
         values = self._reduce(local) / self._total_weight
         self.n_loss += int(values.numel())
         return values.to(torch.float64).cpu()
@@ -336,8 +338,10 @@ class Objective:
     def _reduce(self, t: Tensor) -> Tensor:
         return self._all_reduce_sum(t) if self._all_reduce_sum is not None else t
 
-    def _values(self, leaves: Sequence[Tensor] | None = None, displacement: Tensor | None = None) -> dict[str, Tensor]:
-        """Substitution dict for ``functional_call``: selected params (leaves or displaced), others detached."""
+    def _values(
+        self, leaves: Sequence[Tensor] | None = None, displacement: Tensor | None = None, point: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Substitution dict for ``functional_call``: selected params (leaves, displaced, a point); others detached."""
         values: dict[str, Tensor] = {}
         selected = set(self.param_names)
         for name, p in self.model.named_parameters():
@@ -347,6 +351,8 @@ class Objective:
             current: Sequence[Tensor] = leaves
         elif displacement is not None:
             current = [p.detach() + d for p, d in zip(self._params, unflatten(displacement, self._params))]
+        elif point is not None:
+            current = unflatten(point, self._params)
         else:
             current = [p.detach() for p in self._params]
         for name, t in zip(self.param_names, current):
@@ -360,11 +366,12 @@ class Objective:
         loss: Tensor = functional_call(self._call, values, (batch,), strict=False)
         return loss
 
-    def _local_losses(self, displacements: Iterable[Tensor | None] | Tensor) -> Tensor:
-        """Sample-weighted loss sums (not yet divided by the total weight) at each displacement."""
+    def _local_losses(self, displacements: Iterable[Tensor | None] | Tensor, absolute: bool = False) -> Tensor:
+        """Sample-weighted loss sums (not yet divided by the total weight) at each displacement (or point)."""
         out = []
         for d in displacements:
-            values = self._values(displacement=None if d is None else d.to(self.device, self.dtype))
+            d = None if d is None else d.to(self.device, self.dtype)
+            values = self._values(point=d) if absolute else self._values(displacement=d)
             out.append(functional_call(self._call, values, (self.batches,), {"weights": self._weights}, strict=False))
         if not out:
             return torch.zeros(0, dtype=torch.float64, device=self.device)

@@ -41,7 +41,9 @@ class _HessianMonitorCore:
 
     Args:
         every_n_steps: measure every this many optimizer steps (``None``: not on a step schedule).
-        every_n_epochs: measure at the end of every this many training epochs (``None``: never).
+        every_n_epochs: measure at the end of every this many training epochs. Default: once per
+            epoch when ``every_n_steps`` is not given either, else no epoch schedule (an epoch end
+            a few steps from a step-scheduled measurement would nearly double the cost).
         at_fit_start: measure before the first optimizer step (or at the resumed step). With a probe
             set captured from training batches, this waits until the set is complete: the
             measurement comes before the update of batch ``probe_batches - 1`` (step
@@ -69,8 +71,10 @@ class _HessianMonitorCore:
         hvp: HVP engine of :class:`lightning_hessian.Objective` (``"auto"``, ``"cached"``, ...).
         mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"batch_stats"``.
         seed: seeds every random vector; the same for every measurement so curves are comparable.
-        warm_start: start Lanczos from the previous measurement's eigenvectors (several-fold fewer
-            HVPs on a slowly changing Hessian); kept across checkpoint resume.
+        warm_start: start Lanczos from the previous measurement's eigenvectors; kept across
+            checkpoint resume. It pays when the eigenvectors move little between measurements
+            (2 HVPs instead of 17 at unchanged weights); when the bottom eigenvector rotates
+            within a crowded group, as in the quickstart, it saves about 7 %.
         max_overhead: skip a measurement when the time spent measuring would exceed this fraction
             of the training time so far (the skip is logged); ``None`` for no budget.
         prefix: metric namespace (distinct prefixes let several monitors coexist).
@@ -105,7 +109,7 @@ class _HessianMonitorCore:
     def __init__(
         self,
         every_n_steps: int | None = None,
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | None = None,
         at_fit_start: bool = True,
         at_fit_end: bool = True,
         quantities: Sequence[str] = ("eigenvalues", "lambda_min", "trace"),
@@ -188,7 +192,7 @@ class _HessianMonitorCore:
             seed=seed,
         )
         self.every_n_steps = every_n_steps
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = 1 if every_n_steps is None and every_n_epochs is None else every_n_epochs
         self.at_fit_start = at_fit_start
         self.at_fit_end = at_fit_end
         self.loss_fn = loss_fn

@@ -122,6 +122,12 @@ def test_hessian_loss_method_is_used_under_manual_optimization(tmp_path: Path) -
     assert abs(monitor.history[-1]["lambda_min"] - lmin) <= 1e-3 * (lmax - lmin)
 
 
+def test_epoch_schedule_is_the_default_only_without_a_step_schedule() -> None:
+    assert HessianMonitor().every_n_epochs == 1
+    assert HessianMonitor(every_n_steps=10).every_n_epochs is None
+    assert HessianMonitor(every_n_steps=10, every_n_epochs=2).every_n_epochs == 2
+
+
 def test_every_n_epochs_and_fit_end_do_not_repeat_a_step(tmp_path: Path) -> None:
     monitor = HessianMonitor(every_n_epochs=2, at_fit_start=False, probe_batches=2, quantities=["eigenvalues"])
     _fit(tmp_path, TanhModule(), [monitor], max_epochs=3)
@@ -273,8 +279,8 @@ def test_overhead_budget_skips_measurements_and_says_so(tmp_path: Path, caplog: 
     with caplog.at_level("INFO"):
         trainer = _fit(tmp_path, TanhModule(), [monitor], max_epochs=1)
     assert _steps(monitor) == [0]  # the first is free (nothing to predict from), the rest exceed the budget
-    # Every later attempt was skipped: the 6 step slots, then the epoch end and the fit end (both at step 6).
-    assert monitor._n_skipped == trainer.global_step + 2
+    # Every later attempt was skipped: the 6 step slots, then the fit end (at step 6).
+    assert monitor._n_skipped == trainer.global_step + 1
     assert "skipped the measurement at step 1" in caplog.text
 
 

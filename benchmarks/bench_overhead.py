@@ -1,0 +1,533 @@
+#!/usr/bin/env python
+"""Overhead benchmark: what ``HessianMonitor`` costs a real training run (the quickstart's).
+
+Trains ``examples/quickstart.py``'s ``DigitsClassifier`` on scikit-learn's digits with the
+quickstart's own Trainer settings (TensorBoardLogger, here into a temporary directory) and
+measures in one run:
+
+1. the training overhead of the quickstart's monitor,
+   ``HessianMonitor(every_n_steps=25, probe_dataloader=probe_loader)``: wall seconds of
+   ``trainer.fit`` without and with it, the overhead fraction, the measuring time (the sum of the
+   history's ``seconds``) as a fraction of the monitored run, the number of measurements and the
+   median seconds per measurement. Every configuration runs ``--repeats`` times, interleaved, and
+   medians are reported (the machine is shared). The same pair is also run with ``logger=False``;
+2. HVPs per measurement with warm starts (the default) and without (``warm_start=False``) over
+   the same run -- training is bit-identical with or without the callback, so both runs measure
+   the same weights at every step. Lanczos HVPs and all HVPs (Lanczos + the fixed Hutch++ trace
+   budget, ``trace_hvp=30``) are reported;
+3. the overhead of cheaper configurations: ``quantities=["eigenvalues"]`` (lambda_max only)
+   every 50 steps, with ``every_n_epochs=1`` and with ``every_n_epochs=None`` (the default when a
+   step schedule is given).
+
+Prints readable tables and writes the raw numbers to ``benchmarks/results/overhead.json``.
+Run: ``python benchmarks/bench_overhead.py`` (about 30 s on an idle 2-core CPU machine;
+``--epochs``/``--repeats`` shorten it). Timings are only meaningful on an otherwise idle machine:
+the 1-minute load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+
+import lightning_hessian
+from lightning_hessian import HessianMonitor, Objective, extremal_eigenpairs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from quickstart import DigitsClassifier, digits_loaders
+
+RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
+SEED = 0
+
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*create_graph=True.*reference cycle.*")
+warnings.filterwarnings("ignore", message=".*Using backward\\(\\) with create_graph=True.*")
+warnings.filterwarnings("ignore", message=".*(GPU|TPU|HPU) available.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+for _name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+MonitorFactory = Callable[[DataLoader], HessianMonitor]
+
+# name -> (description, factory or None for no callback, logger on)
+CONFIGS: dict[str, tuple[str, MonitorFactory | None, bool]] = {
+    "baseline": ("no callback (TensorBoardLogger)", None, True),
+    "default": (
+        "quickstart: every_n_steps=25, all quantities (TensorBoardLogger)",
+        lambda probe: HessianMonitor(every_n_steps=25, probe_dataloader=probe),
+        True,
+    ),
+    "cheap": (
+        "eigenvalues only, every_n_steps=50, every_n_epochs=1 (TensorBoardLogger)",
+        lambda probe: HessianMonitor(
+            every_n_steps=50, every_n_epochs=1, probe_dataloader=probe, quantities=["eigenvalues"]
+        ),
+        True,
+    ),
+    "cheapest": (
+        "eigenvalues only, every_n_steps=50, every_n_epochs=None (TensorBoardLogger)",
+        lambda probe: HessianMonitor(
+            every_n_steps=50, every_n_epochs=None, probe_dataloader=probe, quantities=["eigenvalues"]
+        ),
+        True,
+    ),
+    "baseline_nolog": ("no callback (logger=False)", None, False),
+    "default_nolog": (
+        "quickstart monitor (logger=False)",
+        lambda probe: HessianMonitor(every_n_steps=25, probe_dataloader=probe),
+        False,
+    ),
+    "default_cold": (
+        "quickstart monitor, warm_start=False (TensorBoardLogger)",
+        lambda probe: HessianMonitor(every_n_steps=25, probe_dataloader=probe, warm_start=False),
+        True,
+    ),
+}
+# (callback config, its baseline) pairs for the overhead table
+OVERHEAD_PAIRS = (
+    ("default", "baseline"),
+    ("cheap", "baseline"),
+    ("cheapest", "baseline"),
+    ("default_nolog", "baseline_nolog"),
+)
+INTERLEAVED = ("baseline", "default", "cheap", "cheapest", "baseline_nolog", "default_nolog")
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+class EigenvectorRecorder(pl.Callback):
+    """Keeps every measurement's top and bottom eigenvector (runs after the monitor; untimed runs only)."""
+
+    def __init__(self, monitor: HessianMonitor) -> None:
+        self.monitor = monitor
+        self.seen: Any = None
+        self.vectors: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def _grab(self) -> None:
+        m = self.monitor.last_measurement
+        if m is not None and m is not self.seen and m.eigen is not None:
+            self.seen = m
+            vmin = m.eigen.vector_min
+            self.vectors.append((m.eigen.eigenvectors[0].detach().cpu().clone(), vmin.detach().cpu().clone()))
+
+    def on_train_start(self, *args: Any) -> None:
+        self._grab()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._grab()
+
+    def on_train_epoch_end(self, *args: Any) -> None:
+        self._grab()
+
+    def on_train_end(self, *args: Any) -> None:
+        self._grab()
+
+
+def train(config: str, epochs: int, workdir: Path, record_vectors: bool = False) -> dict[str, Any]:
+    """One quickstart training run; returns its fit wall time, history and final weights."""
+    _, factory, with_logger = CONFIGS[config]
+    pl.seed_everything(SEED, verbose=False)
+    train_loader, val_loader, probe_loader = digits_loaders()
+    monitor = factory(probe_loader) if factory is not None else None
+    recorder = EigenvectorRecorder(monitor) if record_vectors and monitor is not None else None
+    root = Path(tempfile.mkdtemp(prefix=f"{config}-", dir=workdir))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        callbacks=([monitor] if monitor is not None else []) + ([recorder] if recorder is not None else []),
+        logger=TensorBoardLogger(str(root), name="quickstart") if with_logger else False,
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,  # the only change from the quickstart: keeps this output readable
+        default_root_dir=str(root),
+    )
+    model = DigitsClassifier()
+    load_before = loadavg()[0]
+    start = time.perf_counter()
+    trainer.fit(model, train_loader, val_loader)
+    wall = time.perf_counter() - start
+    history = list(monitor.history) if monitor is not None else []
+    return {
+        "config": config,
+        "wall": wall,
+        "load1_before": load_before,
+        "global_step": int(trainer.global_step),
+        "history": history,
+        "vectors": recorder.vectors if recorder is not None else None,
+        "measure_seconds": sum(h["seconds"] for h in history),
+        "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "last_eigen": monitor.last_measurement.eigen if monitor and monitor.last_measurement else None,
+    }
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    walls = [r["wall"] for r in runs]
+    per_meas = [h["seconds"] for r in runs for h in r["history"]]
+    return {
+        "walls": walls,
+        "wall_median": median(walls),
+        "measure_seconds": [r["measure_seconds"] for r in runs],
+        "measure_seconds_median": median([r["measure_seconds"] for r in runs]),
+        "n_measurements": [len(r["history"]) for r in runs],
+        "seconds_per_measurement_median": median(per_meas),
+        "hvp_per_measurement_mean": (
+            statistics.fmean(h["hvp_count"] for r in runs for h in r["history"]) if per_meas else float("nan")
+        ),
+    }
+
+
+def overhead_rows(by_config: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = []
+    for cfg, base in OVERHEAD_PAIRS:
+        b, a = summarize(by_config[cfg]), summarize(by_config[base])
+        paired = [
+            (rb["wall"] - ra["wall"]) / ra["wall"] for rb, ra in zip(by_config[cfg], by_config[base], strict=True)
+        ]
+        share = [rb["measure_seconds"] / rb["wall"] for rb in by_config[cfg]]
+        other = [
+            rb["wall"] - ra["wall"] - rb["measure_seconds"]
+            for rb, ra in zip(by_config[cfg], by_config[base], strict=True)
+        ]
+        wo_min, w_min = min(a["walls"]), min(b["walls"])
+        rows.append(
+            {
+                "config": cfg,
+                "baseline": base,
+                "description": CONFIGS[cfg][0],
+                "wall_without": a["wall_median"],
+                "wall_with": b["wall_median"],
+                "walls_without": a["walls"],
+                "walls_with": b["walls"],
+                "overhead_fraction": (b["wall_median"] - a["wall_median"]) / a["wall_median"],
+                "overhead_fraction_paired_median": median(paired),
+                "overhead_fraction_paired": paired,
+                "wall_without_min": wo_min,
+                "wall_with_min": w_min,
+                "overhead_fraction_min": (w_min - wo_min) / wo_min,
+                "other_overhead_seconds_paired_median": median(other),
+                "other_overhead_seconds_paired": other,
+                "measuring_fraction_of_wall_median": median(share),
+                "measure_seconds_median": b["measure_seconds_median"],
+                "n_measurements": b["n_measurements"],
+                "seconds_per_measurement_median": b["seconds_per_measurement_median"],
+                "hvp_per_measurement_mean": b["hvp_per_measurement_mean"],
+            }
+        )
+    return rows
+
+
+def print_overhead(rows: list[dict[str, Any]], repeats: int) -> None:
+    print(
+        f"\n[1 + 3] training overhead (wall seconds of trainer.fit, median of {repeats} interleaved runs; "
+        "overhead = (with - without) / without; measuring = sum of history 'seconds' / with)"
+    )
+    header = (
+        f"{'configuration':<78} {'without':>8} {'with':>8} {'overhead':>9} {'paired':>8} {'of mins':>8} "
+        f"{'measuring':>10} {'other s':>8} {'#meas':>6} {'s/meas':>7} {'HVP/meas':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        n = sorted(set(r["n_measurements"]))
+        print(
+            f"{r['description']:<78} {r['wall_without']:>8.2f} {r['wall_with']:>8.2f} "
+            f"{r['overhead_fraction']:>9.1%} {r['overhead_fraction_paired_median']:>8.1%} "
+            f"{r['overhead_fraction_min']:>8.1%} {r['measuring_fraction_of_wall_median']:>10.1%} "
+            f"{r['other_overhead_seconds_paired_median']:>8.2f} {'/'.join(map(str, n)):>6} "
+            f"{r['seconds_per_measurement_median']:>7.3f} {r['hvp_per_measurement_mean']:>9.1f}"
+        )
+    print(
+        "overhead = from the medians; paired = median over rounds of (with_i - without_i) / without_i; "
+        "of mins = from the fastest run of each (least disturbed by other jobs);\n"
+        "measuring = median of (sum of history 'seconds') / with; other s = median over rounds of "
+        "with_i - without_i - measuring_i (hooks, logging, files); s/meas = median over all measurements."
+    )
+    print("individual walls:")
+    for r in rows:
+        w = ", ".join(f"{x:.2f}" for x in r["walls_with"])
+        wo = ", ".join(f"{x:.2f}" for x in r["walls_without"])
+        print(f"  {r['config']:<15} with [{w}]   {r['baseline']:<15} without [{wo}]")
+
+
+def warm_cold_table(warm: dict[str, Any], cold: dict[str, Any]) -> dict[str, Any]:
+    hw, hc = warm["history"], cold["history"]
+    steps_w, steps_c = [int(h["step"]) for h in hw], [int(h["step"]) for h in hc]
+    if steps_w != steps_c:
+        print(f"WARNING: the warm and cold runs measured at different steps: {steps_w} vs {steps_c}")
+    print(
+        "\n[2] HVPs per measurement, warm_start=True (default) vs warm_start=False, same training run "
+        "(Lanczos = lanczos_hvp_count; all = hvp_count, Lanczos + the fixed Hutch++ trace budget)"
+    )
+    header = (
+        f"{'step':>5} {'epoch':>5} {'Lanczos warm':>12} {'cold':>5} {'all warm':>9} {'cold':>5} "
+        f"{'lambda_max warm':>16} {'cold':>12} {'lambda_min warm':>16} {'cold':>12} {'s warm':>7} {'s cold':>7} "
+        f"{'|v_max.prev|':>12} {'|v_min.prev|':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    vectors = cold.get("vectors") or []
+
+    def overlap(i: int, j: int) -> float | None:
+        if i == 0 or i >= len(vectors) or vectors[i][j] is None or vectors[i - 1][j] is None:
+            return None
+        return abs(float(torch.dot(vectors[i][j], vectors[i - 1][j])))
+
+    rows = []
+    for i, (w, c) in enumerate(zip(hw, hc, strict=False)):
+        row = {
+            "step": int(w["step"]),
+            "step_cold": int(c["step"]),
+            "epoch": int(w["epoch"]),
+            "lanczos_warm": int(w["lanczos_hvp_count"]),
+            "lanczos_cold": int(c["lanczos_hvp_count"]),
+            "hvp_warm": int(w["hvp_count"]),
+            "hvp_cold": int(c["hvp_count"]),
+            "lambda_max_warm": w["lambda_max"],
+            "lambda_max_cold": c["lambda_max"],
+            "lambda_min_warm": w["lambda_min"],
+            "lambda_min_cold": c["lambda_min"],
+            "converged_warm": bool(w["lambda_max_converged"]) and bool(w["lambda_min_converged"]),
+            "converged_cold": bool(c["lambda_max_converged"]) and bool(c["lambda_min_converged"]),
+            "seconds_warm": w["seconds"],
+            "seconds_cold": c["seconds"],
+            "overlap_top_with_previous": overlap(i, 0),
+            "overlap_min_with_previous": overlap(i, 1),
+        }
+        rows.append(row)
+        flag = ("" if row["converged_warm"] else " warm not converged") + (
+            "" if row["converged_cold"] else " cold not converged"
+        )
+        print(
+            f"{row['step']:>5} {row['epoch']:>5} {row['lanczos_warm']:>12} {row['lanczos_cold']:>5} "
+            f"{row['hvp_warm']:>9} {row['hvp_cold']:>5} {row['lambda_max_warm']:>16.6f} "
+            f"{row['lambda_max_cold']:>12.6f} "
+            f"{row['lambda_min_warm']:>16.6f} {row['lambda_min_cold']:>12.6f} {row['seconds_warm']:>7.3f} "
+            f"{row['seconds_cold']:>7.3f} {_fmt(row['overlap_top_with_previous']):>12} "
+            f"{_fmt(row['overlap_min_with_previous']):>12}{flag}"
+        )
+
+    def totals(sub: list[dict[str, Any]]) -> dict[str, float]:
+        out: dict[str, float] = {"n": len(sub)}
+        for key in ("lanczos_warm", "lanczos_cold", "hvp_warm", "hvp_cold", "seconds_warm", "seconds_cold"):
+            out[f"{key}_total"] = float(sum(r[key] for r in sub))
+            out[f"{key}_mean"] = out[f"{key}_total"] / max(len(sub), 1)
+        out["lanczos_ratio_cold_over_warm"] = out["lanczos_cold_total"] / max(out["lanczos_warm_total"], 1)
+        out["hvp_ratio_cold_over_warm"] = out["hvp_cold_total"] / max(out["hvp_warm_total"], 1)
+        out["seconds_ratio_cold_over_warm"] = out["seconds_cold_total"] / max(out["seconds_warm_total"], 1e-12)
+        return out
+
+    all_rows, later = totals(rows), totals(rows[1:])
+    print("-" * len(header))
+    for label, t in (("all", all_rows), ("after the 1st (cold in both runs)", later)):
+        print(
+            f"{label:<34} n={int(t['n'])}: Lanczos HVPs total warm {t['lanczos_warm_total']:.0f} / cold "
+            f"{t['lanczos_cold_total']:.0f} (mean {t['lanczos_warm_mean']:.1f} / {t['lanczos_cold_mean']:.1f}, "
+            f"cold/warm {t['lanczos_ratio_cold_over_warm']:.2f}x); all HVPs warm {t['hvp_warm_total']:.0f} / cold "
+            f"{t['hvp_cold_total']:.0f} (mean {t['hvp_warm_mean']:.1f} / {t['hvp_cold_mean']:.1f}, "
+            f"cold/warm {t['hvp_ratio_cold_over_warm']:.2f}x); seconds {t['seconds_warm_total']:.2f} / "
+            f"{t['seconds_cold_total']:.2f}"
+        )
+    width = [max(r["lambda_max_warm"] - r["lambda_min_warm"], 1e-300) for r in rows]
+    dmax = max(
+        (abs(r["lambda_max_warm"] - r["lambda_max_cold"]) / abs(r["lambda_max_cold"]) for r in rows), default=0.0
+    )
+    dmin = max((abs(r["lambda_min_warm"] - r["lambda_min_cold"]) / w for r, w in zip(rows, width)), default=0.0)
+    print(
+        f"warm vs cold eigenvalues: max rel. difference of lambda_max {dmax:.1e}; max |difference| of lambda_min "
+        f"/ (lambda_max - lambda_min) {dmin:.1e}; not converged: warm "
+        f"{sum(not r['converged_warm'] for r in rows)}, cold {sum(not r['converged_cold'] for r in rows)} "
+        "(tol 1e-4, max_hvp 100)"
+    )
+    ov_top = [r["overlap_top_with_previous"] for r in rows if r["overlap_top_with_previous"] is not None]
+    ov_min = [r["overlap_min_with_previous"] for r in rows if r["overlap_min_with_previous"] is not None]
+    if ov_top:
+        print(
+            f"|v . v_previous| between consecutive measurements (unit eigenvectors of the cold run; 1 = unchanged): "
+            f"top median {median(ov_top):.3f} (min {min(ov_top):.3f}), bottom median {median(ov_min):.3f} "
+            f"(min {min(ov_min):.3f})"
+        )
+    return {
+        "overlap_top_median": median(ov_top),
+        "overlap_min_median": median(ov_min),
+        "rows": rows,
+        "totals_all": all_rows,
+        "totals_after_first": later,
+        "max_rel_diff_lambda_max": dmax,
+        "max_diff_lambda_min_over_width": dmin,
+        "wall_warm": warm["wall"],
+        "wall_cold": cold["wall"],
+    }
+
+
+def _probe_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)  # = DigitsClassifier.training_step's loss
+
+
+def warm_start_sanity(run: dict[str, Any]) -> dict[str, Any]:
+    """Warm start at unchanged weights: the monitor's last eigenvectors at the final weights.
+
+    Separates "warm starts are not wired in" from "the Hessian moves too much between
+    measurements": at unchanged weights a warm start must converge in a few HVPs.
+    """
+    model = DigitsClassifier()
+    model.load_state_dict(run["state"])
+    objective = Objective(model, _probe_loss, list(digits_loaders()[2]))
+    kw: dict[str, Any] = {"tol": 1e-4, "max_hvp": 100, "seed": SEED, "which": "both"}
+    cold = extremal_eigenpairs(objective, **kw)
+    warm = extremal_eigenpairs(objective, init=run["last_eigen"], **kw)
+    out = {
+        "n_hvp_cold": cold.n_hvp,
+        "n_hvp_warm": warm.n_hvp,
+        "lambda_max_cold": cold.lambda_max,
+        "lambda_max_warm": warm.lambda_max,
+        "lambda_max_monitor": run["history"][-1]["lambda_max"],
+    }
+    print(
+        f"\nwarm start at UNCHANGED weights (final weights, init = the monitor's last eigenvectors): "
+        f"{out['n_hvp_warm']} Lanczos HVPs vs {out['n_hvp_cold']} cold (lambda_max {warm.lambda_max:.6f} / "
+        f"{cold.lambda_max:.6f}; the monitor's last: {out['lambda_max_monitor']:.6f})"
+    )
+    return out
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=12, help="the quickstart's default: 12")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    load_start = loadavg()
+    print(
+        f"lightning_hessian {lightning_hessian.__version__}, torch {torch.__version__}, pytorch_lightning "
+        f"{pl.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()} ({'set by --threads' if args.threads else 'torch default'})"
+    )
+    print(
+        f"load average at start (1/5/15 min): {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
+        f"quickstart model and data, {args.epochs} epochs (44 steps each), seed {SEED}, {args.repeats} repeats "
+        "interleaved; progress bar off, otherwise the quickstart's Trainer settings"
+    )
+
+    by_config: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    with tempfile.TemporaryDirectory(prefix="bench_overhead-") as tmp:
+        workdir = Path(tmp)
+        warmup = train("default", 1, workdir)  # imports, allocator, TensorBoard writer: not timed
+        print(f"warm-up run (1 epoch, quickstart monitor, not counted): {warmup['wall']:.2f} s")
+        for i in range(args.repeats):
+            for config in INTERLEAVED:
+                run = train(config, args.epochs, workdir)
+                by_config[config].append(run)
+                print(
+                    f"  round {i + 1} {config:<15} fit {run['wall']:6.2f} s, {len(run['history']):>2} measurements "
+                    f"taking {run['measure_seconds']:5.2f} s, load {run['load1_before']:.2f}",
+                    flush=True,
+                )
+        cold = train("default_cold", args.epochs, workdir, record_vectors=True)
+        by_config["default_cold"].append(cold)
+        print(
+            f"  cold-start run       fit {cold['wall']:6.2f} s, {len(cold['history']):>2} measurements taking "
+            f"{cold['measure_seconds']:5.2f} s, load {cold['load1_before']:.2f}"
+        )
+
+    # Training must not depend on the callback: compare final weights (and HVP determinism).
+    ref = by_config["baseline"][0]["state"]
+    identical = {
+        c: all(all(torch.equal(ref[k], r["state"][k]) for k in ref) for r in runs)
+        for c, runs in by_config.items()
+        if runs
+    }
+    hvp_seqs = {tuple(int(h["lanczos_hvp_count"]) for h in r["history"]) for r in by_config["default"]}
+    print(
+        "\nfinal weights (BatchNorm buffers included) identical to the first baseline run: "
+        + ", ".join(f"{c} {'yes' if ok else 'NO'}" for c, ok in identical.items())
+    )
+    print(f"Lanczos HVP sequences of the {args.repeats} default runs identical: {len(hvp_seqs) == 1}")
+
+    rows = overhead_rows(by_config)
+    print_overhead(rows, args.repeats)
+    warm_cold = warm_cold_table(by_config["default"][0], cold)
+    warm_cold["same_weights_check"] = warm_start_sanity(by_config["default"][0])
+
+    load_end = loadavg()
+    total = time.perf_counter() - t0
+    print(
+        f"\nload average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; total wall time {total:.1f} s"
+    )
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "meta": {
+            "lightning_hessian": lightning_hessian.__version__,
+            "torch": torch.__version__,
+            "pytorch_lightning": pl.__version__,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "seed": SEED,
+            "loadavg_start": load_start,
+            "loadavg_end": load_end,
+            "total_seconds": total,
+            "configs": {c: CONFIGS[c][0] for c in CONFIGS},
+        },
+        "weights_identical_to_baseline": identical,
+        "overhead": rows,
+        "warm_vs_cold": warm_cold,
+        "runs": [
+            {k: v for k, v in r.items() if k not in ("state", "last_eigen", "vectors")}
+            for runs in by_config.values()
+            for r in runs
+        ],
+    }
+    RESULTS.write_text(json.dumps(_clean(payload), indent=1))
+    print(f"raw numbers: {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

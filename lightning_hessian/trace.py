@@ -183,7 +183,8 @@ def slope_fit_trace(
     vector (the centre value is shared), a quadratic is fitted by least squares, and its curvature is
     rescaled by ``||delta||^2``. Works for models without double backward. On ReLU / max-pool nets
     it measures the finite-scale curvature along the line, kinks included, which can differ from
-    the autograd Hessian (about 10 % on a ReLU CNN): report it as its own quantity.
+    the autograd Hessian (10 % on one ReLU CNN, 100 % on another with max-pooling in our
+    benchmark): report it as its own quantity, and trust it as "the trace" on smooth nets only.
 
     Args:
         objective: the operator (only ``loss`` and ``losses_at`` are used).

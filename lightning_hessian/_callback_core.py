@@ -41,9 +41,9 @@ class _HessianMonitorCore:
 
     Args:
         every_n_steps: measure every this many optimizer steps (``None``: not on a step schedule).
-        every_n_epochs: measure at the end of every this many training epochs. Default: once per
-            epoch when ``every_n_steps`` is not given either, else no epoch schedule (an epoch end
-            a few steps from a step-scheduled measurement would nearly double the cost).
+        every_n_epochs: measure at the end of every this many training epochs (``None``: never).
+            ``"auto"`` (default): once per epoch when ``every_n_steps`` is not given, else never
+            (an epoch end a few steps from a step-scheduled measurement nearly doubles the cost).
         at_fit_start: measure before the first optimizer step (or at the resumed step). With a probe
             set captured from training batches, this waits until the set is complete: the
             measurement comes before the update of batch ``probe_batches - 1`` (step
@@ -110,7 +110,7 @@ class _HessianMonitorCore:
     def __init__(
         self,
         every_n_steps: int | None = None,
-        every_n_epochs: int | None = None,
+        every_n_epochs: int | Literal["auto"] | None = "auto",
         at_fit_start: bool = True,
         at_fit_end: bool = True,
         quantities: Sequence[str] = ("eigenvalues", "lambda_min", "trace"),
@@ -144,12 +144,15 @@ class _HessianMonitorCore:
         super().__init__()
         for name, value in (
             ("every_n_steps", every_n_steps),
-            ("every_n_epochs", every_n_epochs),
+            ("every_n_epochs", None if every_n_epochs == "auto" else every_n_epochs),
             ("landscape_every_n_steps", landscape_every_n_steps),
             ("landscape_every_n_epochs", landscape_every_n_epochs),
         ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+                allowed = (
+                    "a positive integer, None or 'auto'" if name == "every_n_epochs" else "a positive integer or None"
+                )
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
         if isinstance(quantities, str):
             raise ValueError(f"quantities must be a list of names from {QUANTITIES}, not the string {quantities!r}")
         if not isinstance(probe_batches, int) or probe_batches < 1:
@@ -193,7 +196,9 @@ class _HessianMonitorCore:
             seed=seed,
         )
         self.every_n_steps = every_n_steps
-        self.every_n_epochs = 1 if every_n_steps is None and every_n_epochs is None else every_n_epochs
+        if every_n_epochs == "auto":
+            every_n_epochs = 1 if every_n_steps is None else None
+        self.every_n_epochs: int | None = every_n_epochs
         self.at_fit_start = at_fit_start
         self.at_fit_end = at_fit_end
         self.loss_fn = loss_fn

@@ -126,6 +126,7 @@ def test_epoch_schedule_is_the_default_only_without_a_step_schedule() -> None:
     assert HessianMonitor().every_n_epochs == 1
     assert HessianMonitor(every_n_steps=10).every_n_epochs is None
     assert HessianMonitor(every_n_steps=10, every_n_epochs=2).every_n_epochs == 2
+    assert HessianMonitor(every_n_epochs=None).every_n_epochs is None  # explicit: fit start and end only
 
 
 def test_every_n_epochs_and_fit_end_do_not_repeat_a_step(tmp_path: Path) -> None:
@@ -206,7 +207,8 @@ def test_on_error_raise_re_raises(tmp_path: Path) -> None:
     ("kwargs", "message"),
     [
         ({"every_n_steps": 0}, "every_n_steps must be a positive integer or None"),
-        ({"every_n_epochs": -1}, "every_n_epochs must be a positive integer or None"),
+        ({"every_n_epochs": -1}, "every_n_epochs must be a positive integer, None or 'auto'"),
+        ({"every_n_epochs": "often"}, "every_n_epochs must be a positive integer, None or 'auto'"),
         ({"quantities": "trace"}, "quantities must be a list of names"),
         ({"quantities": ["eigenvalues", "hessian_norm"]}, "quantities must be a non-empty subset"),
         ({"quantities": ["lambda_min"]}, "'lambda_min' needs 'eigenvalues'"),

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -81,7 +80,6 @@ class FrameState:
 
     random_plane: tuple[Tensor, Tensor] | None = None
     hessian_plane: tuple[Tensor, Tensor] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _plane_scalars(name: str, surface: Surface, objective: Objective, d1: Tensor, d2: Tensor) -> dict[str, float]:

@@ -57,31 +57,19 @@ class HvpFallbackWarning(UserWarning):
 
 def default_batch_size(batch: Any) -> int:
     """Leading dimension of the first tensor found in ``batch`` (depth first), or 1 if none."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
-    if isinstance(batch, Mapping):
-        items: Iterable[Any] = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        items = batch
-    else:
-        return 1
-    for item in items:
-        if isinstance(item, (Tensor, Mapping, list, tuple)):
-            found = _first_tensor_size(item)
-            if found is not None:
-                return found
-    return 1
+    found = _first_tensor_size(batch)
+    return 1 if found is None else found
 
 
 def _first_tensor_size(batch: Any) -> int | None:
     if isinstance(batch, Tensor):
         return int(batch.shape[0]) if batch.dim() > 0 else 1
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    for item in values:
-        if isinstance(item, (Tensor, Mapping, list, tuple)):
-            found = _first_tensor_size(item)
-            if found is not None:
-                return found
+    if not isinstance(batch, (Mapping, list, tuple)):
+        return None
+    for item in batch.values() if isinstance(batch, Mapping) else batch:
+        found = _first_tensor_size(item)
+        if found is not None:
+            return found
     return None
 
 

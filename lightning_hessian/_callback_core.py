@@ -92,6 +92,9 @@ class _HessianMonitorCore:
         landscape_resolution: odd number of grid points per axis (the weights sit at the centre).
         landscape_span: half-width of the planes; ``None``: 1 filter unit for random planes and the
             curvature scale for Hessian planes (recorded with every snapshot).
+        landscape_normalization: of the random directions: ``"filter"`` (Li et al.; biases and
+            normalisation parameters get zero), ``"layer"`` or ``"none"``.
+        landscape_orthogonalize: make the second random direction orthogonal to the first.
         landscape_val_dataloader: validation batches evaluated on the same planes.
         landscape_log_scale: draw log10 of the loss.
         landscape_animation: ``"end"``: an animated GIF of all frames at the end of fit;
@@ -137,6 +140,8 @@ class _HessianMonitorCore:
         landscape_planes: Sequence[str] = ("random", "hessian"),
         landscape_resolution: int = 21,
         landscape_span: float | None = None,
+        landscape_normalization: Literal["filter", "layer", "none"] = "filter",
+        landscape_orthogonalize: bool = False,
         landscape_val_dataloader: Iterable[Any] | None = None,
         landscape_log_scale: bool = False,
         landscape_animation: Literal["end", "always", "never"] = "end",
@@ -177,7 +182,12 @@ class _HessianMonitorCore:
         if isinstance(landscape_planes, str):
             raise ValueError(f"landscape_planes must be a list such as ['random', 'hessian'], not {landscape_planes!r}")
         self.landscape_config = LandscapeConfig(
-            planes=tuple(landscape_planes), resolution=landscape_resolution, span=landscape_span, seed=seed
+            planes=tuple(landscape_planes),
+            resolution=landscape_resolution,
+            span=landscape_span,
+            normalization=landscape_normalization,
+            orthogonalize=landscape_orthogonalize,
+            seed=seed,
         )
         self.landscape_every_n_steps = landscape_every_n_steps
         self.landscape_every_n_epochs = landscape_every_n_epochs

@@ -22,6 +22,7 @@ from lightning_hessian.landscape import (
     hessian_directions,
     loss_line,
     loss_surface,
+    orthogonalize,
     random_direction,
 )
 from lightning_hessian.objective import Objective
@@ -43,6 +44,8 @@ class LandscapeConfig:
             (Li et al.'s filter units) and the curvature scale for Hessian planes (where the
             quadratic model rises by ``rise`` times the loss).
         normalization: of the random directions: ``"filter"``, ``"layer"`` or ``"none"``.
+        orthogonalize: make the second random direction orthogonal to the first (Gaussian
+            directions in high dimension are nearly orthogonal anyway).
         lines: also take 1-D cuts along both eigenvectors, with ``line_resolution`` points.
         rise: see ``span``.
         seed: seeds the random directions (the same plane in every frame of a run).
@@ -52,6 +55,7 @@ class LandscapeConfig:
     resolution: int = 21
     span: float | None = None
     normalization: Normalization = "filter"
+    orthogonalize: bool = False
     lines: bool = True
     line_resolution: int = 41
     rise: float = 1.0
@@ -127,10 +131,9 @@ def landscape_frame(
         center = objective.loss()
         if "random" in config.planes:
             if state.random_plane is None or state.random_plane[0].shape != (objective.num_params,):
-                state.random_plane = (
-                    random_direction(objective, seed=config.seed, normalization=config.normalization),
-                    random_direction(objective, seed=config.seed + 1, normalization=config.normalization),
-                )
+                d1 = random_direction(objective, seed=config.seed, normalization=config.normalization)
+                d2 = random_direction(objective, seed=config.seed + 1, normalization=config.normalization)
+                state.random_plane = (d1, orthogonalize(d1, d2) if config.orthogonalize else d2)
             r1, r2 = state.random_plane
             span = config.span if config.span is not None else 1.0
             planes["random"] = loss_surface(

@@ -152,3 +152,27 @@ def test_resume_continues_the_frame_sequence(tmp_path: Path) -> None:
 def test_bad_landscape_arguments_fail_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         HessianMonitor(**kwargs)
+
+
+def test_random_plane_options_reach_the_snapshot(tmp_path: Path) -> None:
+    """Layer normalisation and orthogonalisation, set on the callback, shape the plane that is drawn."""
+    monitor = _monitor(
+        landscape_every_n_steps=None,
+        landscape_every_n_epochs=1,
+        landscape_planes=["random"],
+        landscape_normalization="layer",
+        landscape_orthogonalize=True,
+    )
+    module = TanhModule()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[monitor]).fit(module, train_loader())
+    plane = monitor._ls_state.random_plane
+    assert plane is not None and monitor.last_snapshot is not None
+    d1, d2 = plane
+    assert abs(float(d1 @ d2)) <= 1e-4 * float(d1.norm() * d2.norm())  # orthogonal
+    objective = Objective(module, probe_loss, list(probe_loader()))
+    weights = [p for p in objective.split(objective.parameters()) if p.dim() > 1]
+    pieces = [p for p in objective.split(d1) if p.dim() > 1]
+    for w, piece in zip(weights, pieces):  # layer-normalised: each weight tensor's direction has its norm
+        assert float(piece.norm()) == pytest.approx(float(w.norm()), rel=1e-4)
+    assert monitor.last_snapshot.meta["normalization"] == "layer"
+    assert set(monitor.last_snapshot.planes) == {"random"}

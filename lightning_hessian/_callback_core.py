@@ -421,9 +421,11 @@ class _HessianMonitorCore:
         )
 
     def _within_budget(self, trainer: Any) -> bool:
-        """Rank zero decides (wall clocks differ across ranks), every rank follows."""
+        """Rank zero decides (wall clocks differ across ranks), every rank follows; no budget, no collective."""
+        if self.max_overhead is None:
+            return True
         ok = True
-        if self.max_overhead is not None and self.last_measurement is not None:
+        if self.last_measurement is not None:
             predicted = self.last_measurement.metrics.get("seconds", 0.0)
             training = time.perf_counter() - self._fit_started_at - self._measure_seconds
             ok = self._measure_seconds + predicted <= self.max_overhead * max(training, 0.0)

@@ -117,7 +117,8 @@ class Objective:
         hvp: ``"auto"`` (cached gradient graph, finite differences if the model has no double
             backward), ``"cached"``, ``"double_backward"`` (fresh graph per product, lowest memory),
             ``"forward_over_reverse"`` (``torch.func``) or ``"finite_difference"``. ``"auto"`` checks
-            once, with two extra products, that double backward runs and is symmetric.
+            once that double backward runs and is symmetric (from Lanczos's own products, or two
+            extra ones counted in ``n_hvp_check``).
         mode: ``"eval"`` (dropout off, BatchNorm on running statistics: one fixed symmetric
             operator) or ``"batch_stats"`` (BatchNorm on batch statistics over copied buffers).
         batch_size_fn: weight of a batch; default: leading dimension of its first tensor.

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from PIL import Image
 
+from lightning_hessian._files import atomic_write
 from lightning_hessian.indicators import grid_minimum
 from lightning_hessian.landscape import Line, Surface
 from lightning_hessian.snapshots import Snapshot, list_snapshots, load_snapshot
@@ -595,29 +594,15 @@ def gif_bytes(frames: Sequence[np.ndarray], fps: float = 2.0) -> bytes:
     return buffer.getvalue()
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_gif(frames: Sequence[np.ndarray], path: Path, fps: float = 2.0) -> Path:
     """Write :func:`gif_bytes` to ``path`` atomically (temporary file, then ``os.replace``); return the path."""
     data = gif_bytes(frames, fps)
-    return _atomic_write(Path(path), lambda fh: fh.write(data))
+    return atomic_write(Path(path), lambda fh: fh.write(data))
 
 
 def _save_png(rgb: np.ndarray, path: Path) -> Path:
     """The pixels of :func:`figure_to_rgb` as a PNG (drawn once for both the PNG and the GIF)."""
-    return _atomic_write(path, lambda fh: Image.fromarray(rgb, mode="RGB").save(fh, format="PNG", optimize=False))
+    return atomic_write(path, lambda fh: Image.fromarray(rgb, mode="RGB").save(fh, format="PNG", optimize=False))
 
 
 # --------------------------------------------------------------------------------------------

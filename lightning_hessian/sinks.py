@@ -7,7 +7,6 @@ Loggers are recognised by class name, so the same code serves ``pytorch_lightnin
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from lightning_hessian._files import json_safe
 
 
 def log_scalars(loggers: Iterable[Any], metrics: dict[str, float], step: int) -> None:
@@ -66,20 +67,10 @@ def run_directory(loggers: Sequence[Any], default_root_dir: str) -> Path:
 def append_jsonl(path: Path, entry: dict[str, Any]) -> None:
     """Append one JSON record as a line, written in one call; non-finite floats become ``null``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(_finite_or_none(entry)) + "\n"
+    line = json.dumps(json_safe(entry)) + "\n"
     with open(path, "a") as fh:
         fh.write(line)
         fh.flush()
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 def is_wandb(logger: Any) -> bool:

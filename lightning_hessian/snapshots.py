@@ -10,15 +10,13 @@ scalar indicators and each plane's and line's metadata. Nothing but NumPy is nee
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lightning_hessian._files import atomic_write, json_safe
 from lightning_hessian.landscape import Line, Surface
 
 FORMAT_VERSION = 1
@@ -38,18 +36,6 @@ class Snapshot:
 
 def snapshot_path(directory: Path, step: int) -> Path:
     return Path(directory) / f"step_{step:09d}.npz"
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _clean(value.item())
-    return value
 
 
 def save_snapshot(directory: Path, snapshot: Snapshot) -> Path:
@@ -86,18 +72,9 @@ def save_snapshot(directory: Path, snapshot: Snapshot) -> Path:
         "lines": lines_meta,
         "meta": snapshot.meta,
     }
-    arrays["meta"] = np.array(json.dumps(_clean(meta)))
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = snapshot_path(directory, snapshot.step)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=target.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    arrays["meta"] = np.array(json.dumps(json_safe(meta)))
+    target = snapshot_path(Path(directory), snapshot.step)
+    atomic_write(target, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
     return target
 
 

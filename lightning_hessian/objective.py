@@ -26,6 +26,33 @@ ObjectiveMode = Literal["eval", "batch_stats"]
 AllReduceSum = Callable[[Tensor], Tensor]
 
 _ENGINES: tuple[str, ...] = get_args(HvpEngine)
+_CHECK_VECTORS = 4  # 4 products give 6 pairs u'Hw, w'Hu
+
+
+def symmetry_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative asymmetry accepted as rounding: ``30 sqrt(eps)`` (1e-2 in float32), at most 0.05.
+
+    Rounding leaves about 1e-7 in float32 on the tested models; a wrong double backward leaves
+    0.04-0.6 (weight_norm) or more (``@once_differentiable``).
+    """
+    return min(0.05, 30.0 * math.sqrt(torch.finfo(dtype).eps))
+
+
+def asymmetry(vectors: Tensor, products: Tensor) -> float:
+    """Estimate ``||H - H^T||_F / ||H||_F`` from products ``H u_i`` of independent Gaussian vectors ``u_i``.
+
+    For Gaussian ``u, w``: ``E (u'Aw)^2 = ||A||_F^2`` for any ``A``, so
+    ``sqrt(sum (u'Hw - w'Hu)^2 / sum ((u'Hw)^2 + (w'Hu)^2) / 2)`` over all pairs estimates the
+    relative asymmetry whatever the dimension. 0 when every product is 0 (a loss linear in the
+    parameters).
+    """
+    m = vectors.to(torch.float64) @ products.to(torch.float64).T  # m[i, j] = u_i' H u_j
+    i, j = torch.triu_indices(len(vectors), len(vectors), 1)
+    a, b = m[i, j], m[j, i]
+    scale = float(((a * a + b * b) / 2).sum())
+    if scale == 0.0:
+        return 0.0
+    return math.sqrt(float(((a - b) ** 2).sum()) / scale)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,6 +76,31 @@ def _second_order(what: str) -> Iterator[None]:
         if isinstance(err, (torch.OutOfMemoryError, SecondOrderUnavailableError)):
             raise
         raise SecondOrderUnavailableError(f"{what} failed: {type(err).__name__}: {err}".splitlines()[0]) from err
+
+
+class DetachedLossError(RuntimeError):
+    """``loss_fn`` returned a loss that autograd cannot differentiate with respect to the selected parameters."""
+
+
+def _require_differentiable(loss: Tensor) -> None:
+    """Refuse a loss without a gradient path: its gradient and Hessian would be silently zero."""
+    if loss.requires_grad:
+        return
+    if not (loss.is_floating_point() or loss.is_complex()):
+        cause = f"it is an integer tensor ({loss.dtype}), which carries no gradient"
+    elif loss.is_inference():
+        cause = "it was computed under torch.inference_mode()"
+    else:
+        cause = (
+            "it was computed under torch.no_grad(), .detach()ed, rebuilt from a number (.item(), float(), "
+            "torch.tensor(...)), or it does not use any of the selected parameters"
+        )
+    raise DetachedLossError(
+        f"loss_fn returned a loss that does not require grad ({cause}), so its gradient and Hessian would be "
+        "silently zero. Return the loss computed from the model's output with autograd on (no torch.no_grad(), "
+        "inference_mode(), .detach(), .item() or integer casts inside loss_fn), and check that params= selects "
+        "parameters the loss uses."
+    )
 
 
 class HvpFallbackWarning(UserWarning):
@@ -117,8 +169,8 @@ class Objective:
         hvp: ``"auto"`` (cached gradient graph, finite differences if the model has no double
             backward), ``"cached"``, ``"double_backward"`` (fresh graph per product, lowest memory),
             ``"forward_over_reverse"`` (``torch.func``) or ``"finite_difference"``. ``"auto"`` checks
-            once that double backward runs and is symmetric (from Lanczos's own products, or two
-            extra ones counted in ``n_hvp_check``).
+            once that double backward runs and is symmetric (four products of random vectors,
+            counted in ``n_hvp_check``).
         mode: ``"eval"`` (dropout off, BatchNorm on running statistics: one fixed symmetric
             operator) or ``"batch_stats"`` (BatchNorm on batch statistics over copied buffers).
         batch_size_fn: weight of a batch; default: leading dimension of its first tensor.
@@ -176,9 +228,10 @@ class Objective:
         self._cache: tuple[tuple[tuple[int, int], ...], list[Tensor], Tensor] | None = None
         self._fallback_reason: str | None = None
         self._verified = False
-        self._deferred = False
+        self.asymmetry_estimate: float | None = None
         self._session_depth = 0
         self._session_key: tuple[tuple[int, int], ...] | None = None
+        self._buffers: dict[str, tuple[Tensor, int]] = {}
         self.n_hvp = 0
         self.n_hvp_check = 0
         self.n_grad = 0
@@ -293,44 +346,23 @@ class Objective:
             finally:
                 self._session_depth = 0
                 self._session_key = None
-
-    @property
-    def needs_symmetry_check(self) -> bool:
-        """True until ``hvp="auto"`` has verified (or given up on) double backward for this objective."""
-        return self.hvp_engine == "auto" and self._fallback_reason is None and not self._verified
-
-    @contextlib.contextmanager
-    def deferred_symmetry_check(self) -> Iterator[None]:
-        """Let the caller verify symmetry from its own products (Lanczos gets it for free).
-
-        The caller must then call :meth:`confirm_symmetry`. Errors raised by double backward
-        still trigger the fallback at once.
-        """
-        self._deferred = True
-        try:
-            yield
-        finally:
-            self._deferred = False
-
-    def confirm_symmetry(self, a: float, b: float) -> bool:
-        """Record the check ``u'Hw == w'Hu`` done by a caller; fall back (with a warning) if it fails."""
-        if abs(a - b) > 0.1 * max(abs(a), abs(b)):
-            self._fall_back(
-                f"the double-backward operator is not symmetric (u'Hw = {a:.4g}, w'Hu = {b:.4g}), so some op's "
-                "backward is not differentiable (e.g. a @once_differentiable custom function)"
-            )
-            return False
-        self._verified = True
-        return True
+                self._buffers = {}
 
     # ------------------------------------------------------------------ internals
     def _reduce(self, t: Tensor) -> Tensor:
         return self._all_reduce_sum(t) if self._all_reduce_sum is not None else t
 
     def _values(
-        self, leaves: Sequence[Tensor] | None = None, displacement: Tensor | None = None, point: Tensor | None = None
+        self,
+        leaves: Sequence[Tensor] | None = None,
+        displacement: Tensor | None = None,
+        point: Tensor | None = None,
+        buffers: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Substitution dict for ``functional_call``: selected params (leaves, displaced, a point); others detached."""
+        """Substitution dict for ``functional_call``: selected params (leaves, displaced, a point); others detached.
+
+        Buffers are copies (:meth:`_buffer_copies`, or ``buffers`` when the caller made them).
+        """
         values: dict[str, Tensor] = {}
         selected = set(self.param_names)
         for name, p in self.model.named_parameters():
@@ -346,10 +378,26 @@ class Objective:
             current = [p.detach() for p in self._params]
         for name, t in zip(self.param_names, current):
             values["model." + name] = t
-        if self.mode == "batch_stats":
-            for name, b in self.model.named_buffers():
-                values["model." + name] = b.detach().clone()
+        values.update(self._buffer_copies() if buffers is None else buffers)
         return values
+
+    def _buffer_copies(self) -> dict[str, Tensor]:
+        """Copies of every buffer for one call, so that a forward pass never writes the model's own.
+
+        Forward passes may update buffers in place (BatchNorm statistics in ``batch_stats`` mode,
+        call counters, quantization observers). Copies live for the session; a copy that a call
+        wrote is replaced by a fresh one for the next call (graphs built earlier keep theirs), so
+        every call sees the model's buffers as they are, and buffers nobody writes are copied once.
+        """
+        pool = self._buffers
+        out: dict[str, Tensor] = {}
+        for name, b in self.model.named_buffers():
+            entry = pool.get(name)
+            if entry is None or entry[0]._version != entry[1]:
+                copy = b.detach().clone()
+                entry = pool[name] = (copy, copy._version)
+            out["model." + name] = entry[0]
+        return out
 
     def _batch_loss(self, values: dict[str, Tensor], batch: Any) -> Tensor:
         loss: Tensor = functional_call(self._call, values, (batch,), strict=False)
@@ -370,6 +418,8 @@ class Objective:
         return [p.detach().requires_grad_(True) for p in self._params]
 
     def _weighted(self, w: float, loss: Tensor) -> Tensor:
+        """The batch's share of the objective; checks that it is finite and differentiable."""
+        _require_differentiable(loss)
         if not bool(torch.isfinite(loss.detach())):
             raise NonFiniteLossError(f"the probe loss is {loss.item()} on a probe batch at the current parameters")
         return loss * (w / self._total_weight)
@@ -389,8 +439,7 @@ class Objective:
                     for p, d in zip(self._params, unflatten(displacement, self._params))
                 ]
             loss = self._weighted(w, self._batch_loss(self._values(leaves=leaves), batch))
-            if loss.requires_grad:
-                total += flatten(self._grads(loss, leaves, create_graph=False))
+            total += flatten(self._grads(loss, leaves, create_graph=False))
         return total
 
     def _local_hvp(self, v: Tensor) -> Tensor:
@@ -398,7 +447,7 @@ class Objective:
         if engine == "auto":
             if self._fallback_reason is None:
                 try:
-                    if not self._verified and not self._deferred:
+                    if not self._verified:
                         self._verify_double_backward()
                     if self._fallback_reason is None:
                         return self._hvp_cached(v)
@@ -414,19 +463,31 @@ class Objective:
         return self._hvp_finite_difference(v)
 
     def _verify_double_backward(self) -> None:
-        """Check once that double backward gives a symmetric operator (two seeded products).
+        """Check once that double backward gives a symmetric operator; fall back (with a warning) if not.
 
         Ops without a second derivative either raise, or (``@once_differentiable`` custom
-        functions) are silently cut out of the graph, which leaves a wrong, non-symmetric
-        operator. The products are counted in ``n_hvp_check``, not ``n_hvp``, so that results of
-        repeated calls stay comparable. Lanczos does the same check for free
-        (:meth:`deferred_symmetry_check`).
+        functions, the weight-norm parametrization's kernel) are silently cut out of or wrong in
+        the graph, which leaves a wrong, non-symmetric operator. The check multiplies
+        ``_CHECK_VECTORS`` seeded Gaussian vectors and compares every pair ``u'Hw`` with ``w'Hu``
+        (see :func:`asymmetry`). The products are counted in ``n_hvp_check``, not ``n_hvp``, so
+        that results of repeated calls stay comparable.
         """
         gen = torch.Generator().manual_seed(2**31 - 1)
-        u, w = torch.randn(2, self.num_params, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
-        self.n_hvp_check += 2
-        hw, hu = self._reduce(self._hvp_cached(w)), self._reduce(self._hvp_cached(u))
-        self.confirm_symmetry(float(u @ hw), float(w @ hu))
+        vectors = torch.randn(_CHECK_VECTORS, self.num_params, generator=gen, dtype=torch.float64)
+        vectors = vectors.to(self.device, self.dtype)
+        self.n_hvp_check += _CHECK_VECTORS
+        products = torch.stack([self._reduce(self._hvp_cached(u)) for u in vectors])
+        ratio = asymmetry(vectors, products)
+        self.asymmetry_estimate = ratio
+        tol = symmetry_tolerance(self.dtype)
+        if not ratio <= tol:
+            self._fall_back(
+                f"the double-backward operator is not symmetric (estimated ||H - H^T||_F / ||H||_F = {ratio:.3g} "
+                f"from {_CHECK_VECTORS} random vectors, tolerance {tol:.2g} for {self.dtype}), so some op's backward "
+                "is not correctly differentiable (e.g. a @once_differentiable custom function, or the weight_norm "
+                "parametrization)"
+            )
+        self._verified = True
 
     def _fall_back(self, reason: str) -> None:
         self._cache = None
@@ -458,8 +519,8 @@ class Objective:
                 torch.zeros((), dtype=self.dtype, device=self.device),
             )
             with _second_order("differentiable gradient graph"):
-                flat_grad = flatten(self._grads(loss, leaves, create_graph=True)) if loss.requires_grad else None
-            self._cache = (key, leaves, flat_grad if flat_grad is not None else torch.zeros(0))
+                flat_grad = flatten(self._grads(loss, leaves, create_graph=True))
+            self._cache = (key, leaves, flat_grad)
         _, leaves, flat_grad = self._cache
         if not flat_grad.requires_grad:
             return torch.zeros_like(v)
@@ -472,8 +533,6 @@ class Objective:
         for w, batch in zip(self._weights, self.batches):
             leaves = self._leaves()
             loss = self._weighted(w, self._batch_loss(self._values(leaves=leaves), batch))
-            if not loss.requires_grad:
-                continue
             flat_grad = flatten(self._grads(loss, leaves, create_graph=True))
             if flat_grad.requires_grad:
                 total += flatten(self._grads(flat_grad @ v, leaves, create_graph=False))
@@ -486,7 +545,10 @@ class Objective:
         for w, batch in zip(self._weights, self.batches):
 
             def loss_of(*leaves: Tensor, batch: Any = batch, w: float = w) -> Tensor:
-                return self._weighted(w, self._batch_loss(self._values(leaves=leaves), batch))
+                # Fresh buffer copies made inside the transforms: torch.func forbids writing a
+                # captured tensor, and a copy kept across transforms would escape its level.
+                buffers = {"model." + n: b.detach().clone() for n, b in self.model.named_buffers()}
+                return self._weighted(w, self._batch_loss(self._values(leaves=leaves, buffers=buffers), batch))
 
             grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(primals))))
             hv = torch.func.jvp(grad_fn, primals, tangents)[1]

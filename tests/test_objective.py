@@ -21,7 +21,8 @@ from helpers import (
     snapshot,
     tanh_mlp_case,
 )
-from lightning_hessian import HvpFallbackWarning, NonFiniteLossError, Objective
+from lightning_hessian import HvpFallbackWarning, NonFiniteLossError, Objective, extremal_eigenpairs
+from lightning_hessian.objective import DetachedLossError, asymmetry, symmetry_tolerance
 
 ENGINES = ["cached", "double_backward", "forward_over_reverse", "finite_difference"]
 
@@ -192,7 +193,7 @@ def test_auto_falls_back_to_finite_differences_with_one_warning() -> None:
     with pytest.warns(HvpFallbackWarning, match="finite differences.*not symmetric.*ReLU kinks"):
         hv = obj.hvp(v)
     assert obj.active_engine == "finite_difference"
-    assert obj.n_hvp == 1 and obj.n_hvp_check == 2
+    assert obj.n_hvp == 1 and obj.n_hvp_check == 4
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         obj.hvp(v)  # warned once only
@@ -329,3 +330,218 @@ def test_an_error_in_the_users_loss_is_not_mistaken_for_a_missing_double_backwar
             obj.hvp(torch.ones(obj.num_params))
         obj.hvp(torch.ones(obj.num_params))  # works next time, still on double backward
     assert obj.active_engine == "cached"
+
+
+# ---------------------------------------------------------------- silent zeros (issue 7, item 4)
+
+
+def _no_grad_loss(model: nn.Module, batch: object) -> Tensor:
+    with torch.no_grad():
+        return ce_loss(model, batch)
+
+
+def _inference_loss(model: nn.Module, batch: object) -> Tensor:
+    with torch.inference_mode():
+        return ce_loss(model, batch)
+
+
+def _detached_loss(model: nn.Module, batch: object) -> Tensor:
+    return ce_loss(model, batch).detach()
+
+
+def _rebuilt_loss(model: nn.Module, batch: object) -> Tensor:
+    return torch.tensor(ce_loss(model, batch).item())
+
+
+def _integer_loss(model: nn.Module, batch: object) -> Tensor:
+    x, y = batch  # type: ignore[misc]
+    return (model(x).argmax(1) != y).sum()  # an error count: integer, no gradient
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "cause"),
+    [
+        (_no_grad_loss, "torch.no_grad()"),
+        (_inference_loss, "inference_mode"),
+        (_detached_loss, "detach"),
+        (_rebuilt_loss, "item"),
+        (_integer_loss, "integer tensor"),
+    ],
+)
+@pytest.mark.parametrize("engine", ["auto", "double_backward", "forward_over_reverse", "finite_difference"])
+def test_a_loss_without_gradient_is_refused_with_its_cause_and_the_fix(loss_fn, cause: str, engine: str) -> None:
+    if engine == "forward_over_reverse" and loss_fn is _inference_loss:
+        pytest.skip("torch.func itself refuses inference tensors ('Cannot set version_counter')")
+    case = tanh_mlp_case()
+    before = snapshot(case.model)
+    obj = Objective(case.model, loss_fn, case.batches, hvp=engine)  # type: ignore[arg-type]
+    with pytest.raises(
+        DetachedLossError, match=r"does not require grad.*" + cause.replace("(", r"\(").replace(")", r"\)")
+    ):
+        obj.hvp(torch.ones(obj.num_params))
+    with pytest.raises(DetachedLossError, match=r"Return the loss computed from the model's output"):
+        obj.grad()
+    assert_untouched(before, case.model)
+
+
+def test_a_loss_that_ignores_the_selected_parameters_is_refused() -> None:
+    case = tanh_mlp_case()
+    obj = Objective(case.model, lambda m, b: m[4](torch.ones(3, 24)).sum() * 0 + 1.0, case.batches, params="0.*")
+    with pytest.raises(DetachedLossError, match="does not use any of the selected parameters"):
+        obj.grad()
+
+
+def test_a_loss_linear_in_the_parameters_has_a_zero_hessian_without_error_or_warning() -> None:
+    """Linear in the parameters: the gradient is not zero, the Hessian legitimately is."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    batches = [torch.randn(8, 5), torch.randn(4, 5)]
+    obj = Objective(model, lambda m, b: m(b).mean(), batches)
+    expected_grad = torch.autograd.grad(sum(len(b) * model(b).mean() for b in batches) / 12, list(model.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hv = obj.hvp(torch.randn(obj.num_params, generator=torch.Generator().manual_seed(0)))
+        g = obj.grad()
+    assert torch.equal(hv, torch.zeros_like(hv))
+    assert torch.allclose(g, torch.cat([t.reshape(-1) for t in expected_grad]), atol=1e-6)
+    assert obj.active_engine == "cached"
+
+
+# ---------------------------------------------------------------- symmetry check (issue 7, item 5)
+
+
+class _ManualWeightNorm(nn.Module):
+    """``weight = g * v / ||v||`` (row norms) written out: the exact function weight_norm computes."""
+
+    def __init__(self, wn_linear: nn.Module) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(wn_linear.bias.detach().double().clone())
+        self.g = nn.Parameter(wn_linear.parametrizations.weight.original0.detach().double().clone())
+        self.v = nn.Parameter(wn_linear.parametrizations.weight.original1.detach().double().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.g * self.v / self.v.norm(dim=1, keepdim=True)
+        return nn.functional.linear(x, weight, self.bias)
+
+
+def _weight_norm_case(seed: int = 0) -> tuple[Case, Case]:
+    """A tanh MLP with torch's weight_norm parametrization, and the same function written out."""
+    case = tanh_mlp_case(seed)
+    for i in (0, 2):
+        case.model[i] = nn.utils.parametrizations.weight_norm(case.model[i])
+    manual = copy.deepcopy(case.model).double()
+    for i in (0, 2):
+        manual[i] = _ManualWeightNorm(case.model[i])
+    return case, Case("manual_weight_norm", manual, case.loss_fn, case.batches)
+
+
+def test_weight_norm_double_backward_is_caught_as_asymmetric_and_falls_back() -> None:
+    """torch's weight_norm kernel has a wrong double backward (||H - H^T|| / ||H|| about 0.13 here)."""
+    case, manual = _weight_norm_case()
+    exact = dense_hessian(manual)
+    assert float((exact - exact.T).norm()) < 1e-12  # the true Hessian is symmetric
+    v = torch.randn(exact.shape[0], generator=torch.Generator().manual_seed(0))
+    expected = exact @ v.double()
+    wrong = _objective(case, hvp="cached").hvp(v).double()
+    assert float((wrong - expected).norm() / expected.norm()) > 0.05  # what the check guards against
+    obj = _objective(case)
+    with pytest.warns(HvpFallbackWarning, match=r"not symmetric \(estimated \|\|H - H\^T\|\|_F"):
+        hv = obj.hvp(v).double()
+    assert obj.active_engine == "finite_difference"
+    assert obj.asymmetry_estimate is not None and obj.asymmetry_estimate > 0.03
+    assert float((hv - expected).norm() / expected.norm()) < 1e-2
+    # Through Lanczos, after the fallback: the extreme eigenvalues of the true Hessian.
+    values = np.linalg.eigvalsh(exact.numpy())
+    with pytest.warns(HvpFallbackWarning):
+        result = extremal_eigenpairs(_objective(case), tol=1e-3)
+    assert result.lambda_max == pytest.approx(values[-1], rel=5e-3)
+    assert result.lambda_min == pytest.approx(values[0], abs=5e-3 * (values[-1] - values[0]))
+
+
+@pytest.mark.parametrize("make_case", ALL_CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_symmetry_check_is_silent_on_symmetric_float32_models(make_case, seed: int) -> None:
+    case = make_case(seed)
+    obj = _objective(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        obj.hvp(torch.ones(obj.num_params))
+    assert obj.active_engine == "cached" and obj.n_hvp_check == 4
+    assert obj.asymmetry_estimate is not None
+    assert obj.asymmetry_estimate < 1e-5 < symmetry_tolerance(torch.float32) / 100
+
+
+@pytest.mark.parametrize("n", [40, 1500])
+def test_asymmetry_estimate_is_the_relative_frobenius_asymmetry_in_any_dimension(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    s = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    s = s + s.T
+    k = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    h = s + 0.1 * (k - k.T)
+    truth = float((h - h.T).norm() / h.norm())
+    u = torch.randn(64, n, generator=gen, dtype=torch.float64)
+    assert asymmetry(u, u @ h.T) == pytest.approx(truth, rel=0.15)
+    assert asymmetry(u, u @ s.T) < 1e-14
+    assert asymmetry(u, torch.zeros_like(u)) == 0.0
+
+
+def test_symmetry_tolerance_follows_the_dtype() -> None:
+    assert 5e-3 < symmetry_tolerance(torch.float32) < 2e-2
+    assert symmetry_tolerance(torch.float64) < 1e-6
+    assert symmetry_tolerance(torch.bfloat16) <= 0.05
+
+
+# ---------------------------------------------------------------- buffers written in forward (issue 7, item 6)
+
+
+class _CallCounter(nn.Module):
+    """Counts its forward calls in a buffer, in place (as QAT observers update theirs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x
+
+
+def _counting_case() -> Case:
+    case = tanh_mlp_case()
+    case.model.insert(2, _CallCounter())
+    return case
+
+
+@pytest.mark.parametrize("mode", ["eval", "batch_stats"])
+@pytest.mark.parametrize("engine", ["auto", "cached", "double_backward", "forward_over_reverse", "finite_difference"])
+def test_buffers_written_in_forward_are_copies_in_every_mode(mode: str, engine: str) -> None:
+    if engine == "forward_over_reverse" and mode == "batch_stats":
+        pytest.skip("refused at construction")
+    case = _counting_case()
+    before = snapshot(case.model)
+    obj = _objective(case, hvp=engine, mode=mode)
+    v = torch.randn(obj.num_params, generator=torch.Generator().manual_seed(0))
+    obj.loss()
+    obj.grad()
+    hv = obj.hvp(v)
+    obj.losses_at(torch.zeros(2, obj.num_params))
+    extremal_eigenpairs(obj, max_hvp=8)
+    assert_untouched(before, case.model)
+    assert int(case.model[2].calls) == 0
+    reference = tanh_mlp_case()
+    expected = dense_hessian(reference) @ v.double()
+    tol = 2e-2 if engine == "finite_difference" else 1e-5
+    assert float((hv.double() - expected).norm() / expected.norm()) < tol
+
+
+def test_quantization_observers_are_not_updated_by_the_analysis() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), torch.ao.quantization.FakeQuantize(), nn.Linear(8, 3))
+    model.eval()  # observers still update in eval mode: only their enable flags stop them
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    before = snapshot(model)
+    obj = Objective(model, ce_loss, [(x, y)], hvp="double_backward")
+    obj.loss()
+    obj.hvp(torch.ones(obj.num_params))
+    obj.losses_at(0.1 * torch.ones(1, obj.num_params))
+    assert_untouched(before, model)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import Tensor
 
@@ -42,13 +43,17 @@ class LandscapeConfig:
         resolution: odd number of grid points per axis.
         span: half-width of every plane in its own coordinates; ``None``: 1 for random planes
             (Li et al.'s filter units) and the curvature scale for Hessian planes (where the
-            quadratic model rises by ``rise`` times the loss).
+            quadratic model rises by ``rise`` times the loss), capped by ``max_span``.
         normalization: of the random directions: ``"filter"``, ``"layer"`` or ``"none"``.
         orthogonalize: make the second random direction orthogonal to the first (Gaussian
             directions in high dimension are nearly orthogonal anyway).
         lines: also take 1-D cuts along both eigenvectors, with ``line_resolution`` points.
         rise: see ``span``.
         seed: seeds the random directions (the same plane in every frame of a run).
+        max_span: cap of a Hessian plane's curvature-scale half-width, as a fraction of the
+            weights' norm (weight tensors only, biases and normalisation parameters left out: the
+            distance the filter-normalised random plane reaches at 1 filter unit); ``None``: no
+            cap. A tiny ``|lambda|`` otherwise gives a span far outside the quadratic regime.
     """
 
     planes: tuple[str, ...] = PLANES
@@ -60,6 +65,7 @@ class LandscapeConfig:
     line_resolution: int = 41
     rise: float = 1.0
     seed: int = 0
+    max_span: float | None = 0.5
 
     def __post_init__(self) -> None:
         if not self.planes or set(self.planes) - set(PLANES):
@@ -76,6 +82,8 @@ class LandscapeConfig:
             raise ValueError(f"normalization must be 'filter', 'layer' or 'none', got {self.normalization!r}")
         if not self.rise > 0:
             raise ValueError(f"rise must be positive, got {self.rise!r}")
+        if self.max_span is not None and not (math.isfinite(self.max_span) and self.max_span > 0):
+            raise ValueError(f"max_span must be a positive number or None, got {self.max_span!r}")
 
 
 @dataclass
@@ -84,6 +92,47 @@ class FrameState:
 
     random_plane: tuple[Tensor, Tensor] | None = None
     hessian_plane: tuple[Tensor, Tensor] | None = None
+
+
+def weight_norm(objective: Objective) -> float:
+    """Norm of the weight tensors (``dim > 1``) of the selected parameters, or of all of them if
+    there are none: the distance a filter-normalised random direction moves the weights at 1 unit."""
+    pieces = objective.split(objective.parameters())
+    weights = [p for p in pieces if p.dim() > 1] or list(pieces)
+    return math.sqrt(sum(float(p.double().pow(2).sum()) for p in weights))
+
+
+def hessian_spans(
+    objective: Objective, config: LandscapeConfig, center: float, eigenvalues: tuple[float, float]
+) -> tuple[tuple[float, float], dict[str, Any]]:
+    """Half-widths of the Hessian plane along v_max and v_min, and the record of how they were chosen.
+
+    A fixed ``config.span`` is used as it is; otherwise each axis gets its curvature scale
+    ``sqrt(2 rise |loss| / |lambda|)``, capped at ``config.max_span`` times :func:`weight_norm`.
+    """
+    if config.span is not None:
+        spans = (config.span, config.span)
+        return spans, {"rule": "fixed", "spans": list(spans), "capped": [False, False], "reason": "span given"}
+    curvature = tuple(curvature_span(lam, center, config.rise) for lam in eigenvalues)
+    record: dict[str, Any] = {"rule": "curvature", "curvature_spans": list(curvature), "cap": None}
+    cap = math.inf
+    if config.max_span is not None:
+        norm = weight_norm(objective)
+        if norm > 0:
+            cap = config.max_span * norm
+            record.update(cap=cap, weight_norm=norm, max_span=config.max_span)
+    spans = (min(curvature[0], cap), min(curvature[1], cap))
+    capped = [c > cap for c in curvature]
+    record.update(spans=list(spans), capped=capped)
+    if any(capped):
+        axes = " and ".join(name for name, c in zip(("v_max", "v_min"), capped) if c)
+        record["reason"] = (
+            f"curvature scale along {axes} exceeds max_span {config.max_span:g} x weight norm "
+            f"{record['weight_norm']:.4g} = {cap:.4g}: capped"
+        )
+    else:
+        record["reason"] = "curvature scale sqrt(2 rise |loss| / |lambda|) within the cap"
+    return spans, record
 
 
 def _plane_scalars(name: str, surface: Surface, objective: Objective, d1: Tensor, d2: Tensor) -> dict[str, float]:
@@ -156,11 +205,7 @@ def landscape_frame(
             h1, h2 = hessian_directions(eigen, previous=state.hessian_plane)
             state.hessian_plane = (h1, h2)
             lmax, lmin = eigen.lambda_max, eigen.lambda_min
-            spans = (
-                (config.span, config.span)
-                if config.span is not None
-                else (curvature_span(lmax, center, config.rise), curvature_span(lmin, center, config.rise))
-            )
+            spans, span_record = hessian_spans(objective, config, center, (lmax, lmin))
             planes["hessian"] = loss_surface(
                 objective,
                 h1,
@@ -171,6 +216,10 @@ def landscape_frame(
                 kind="hessian",
                 labels=(f"v_max (lambda={lmax:.4g})", f"v_min (lambda={lmin:.4g})"),
                 eigenvalues=(lmax, lmin),
+            )
+            planes["hessian"] = replace(
+                planes["hessian"],
+                meta={**planes["hessian"].meta, "span": span_record, "span_capped": span_record["capped"]},
             )
             scalars.update(_plane_scalars("hessian", planes["hessian"], objective, h1, h2))
             scalars["hessian_span_max"], scalars["hessian_span_min"] = spans
@@ -201,6 +250,9 @@ def landscape_frame(
         "normalization": config.normalization,
         "seed": config.seed,
         "rise": config.rise,
+        "max_span": config.max_span,
         "num_params": objective.num_params,
     }
+    if "hessian" in planes:
+        meta["hessian_span"] = planes["hessian"].meta["span"]
     return Snapshot(step=step, epoch=epoch, planes=planes, lines=lines, scalars=scalars, meta=meta)

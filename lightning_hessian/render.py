@@ -7,28 +7,34 @@ time with another colour scale, clip value or number of levels. Matplotlib is us
 nothing is registered in pyplot's global figure list, no GUI backend is touched and figures are
 freed as soon as they are no longer referenced.
 
-Honesty rules of the pictures:
+How the colour scale is chosen (:func:`choose_scales`):
 
-* one colour scale per animation (:func:`color_limits` over all frames), drawn as one colour bar;
-* non-finite losses (NaN, inf) are masked, never interpolated or replaced: the cells around them
-  stay light grey, the points are marked ``x`` and counted in the panel title;
-* the log scale is ``log10(loss)`` of the loss itself (no shift by a per-run minimum, no offset),
-  so the same loss has the same colour in every frame and every run; losses ``<= 0`` have no
-  logarithm and are masked and counted like non-finite values;
-* values above a ``clip`` are drawn in the top colour and the colour bar gets an arrow;
-* colour bands have round edges: the range is only ever widened to the next round value, so
-  every finite value within the limits gets its true band;
-* the current weights sit at ``(0, 0)`` (white ``+``), the lowest grid point is a red star.
+* **per plane** by default: the random plane spans one filter unit and the Hessian plane the
+  curvature scale, so their losses differ by orders of magnitude and one shared scale paints
+  the narrower plane a single colour; ``shared_scale=True`` puts every plane on one scale (to
+  compare the planes' values);
+* **robust limits**: the 1st to 98th percentile of the finite losses, not the extreme corner;
+  values beyond the limits take the end colours and the colour bar gets an arrow;
+* **log scale** ``"auto"``: ``log10(loss)`` when the limits span more than 1.5 decades and every
+  finite loss is positive; ``True``/``False`` force it. The loss itself is logged, never shifted,
+  and losses ``<= 0`` are masked and counted;
+* for an animation (:func:`render_run`) the limits, the log choice and each plane's extent are
+  computed once over all frames, so nothing jumps between frames.
+
+Honesty rules of the pictures: non-finite losses are masked, never interpolated (grey cells,
+``x`` marks, counted in the title); colour bands only ever widen the range to the next round
+value; the current weights sit at ``(0, 0)`` (white ``+``), the lowest grid point is a red star;
+the legend lists only what the picture shows.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast, overload
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 from matplotlib import patheffects
@@ -38,7 +44,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.contour import QuadContourSet
 from matplotlib.figure import Figure, FigureBase
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from PIL import Image
 
@@ -48,7 +54,13 @@ from lightning_hessian.landscape import Line, Surface
 from lightning_hessian.snapshots import Snapshot, list_snapshots, load_snapshot
 
 __all__ = [
+    "AUTO_LOG_DECADES",
+    "PERCENTILES",
+    "LogScale",
     "NoSnapshotsError",
+    "PlaneScale",
+    "Scales",
+    "choose_scales",
     "color_limits",
     "figure_size",
     "figure_to_rgb",
@@ -59,13 +71,28 @@ __all__ = [
     "write_gif",
 ]
 
+LogScale = bool | Literal["auto"]
+"""``True``: colour by ``log10(loss)``; ``False``: by the loss; ``"auto"``: log when the range is wide."""
+
 CMAP = "viridis"
 BAD_COLOR = "#d4d4d4"
-"""Face colour of the plane axes: what shows through where contourf has nothing to fill (masked cells)."""
+"""What shows through where a sampled grid has no colour (masked cells)."""
+OUTSIDE_COLOR = "white"
+"""Panel area outside this frame's grid (when a plane's extent is fixed over an animation)."""
 ANIMATION_NAME = "animation.gif"
+AUTO_LOG_DECADES = 1.5
+"""``log_scale="auto"`` draws ``log10(loss)`` when the colour limits span more decades than this."""
+PERCENTILES = (1.0, 98.0)
+"""Default colour limits: these percentiles of the finite losses (robust to a blown-up corner)."""
+
 _PLANE_ORDER = ("random", "hessian")
 _ALPHA, _BETA = "\N{GREEK SMALL LETTER ALPHA}", "\N{GREEK SMALL LETTER BETA}"
 _PLANE_TITLES = {"random": "random plane", "hessian": "Hessian plane", "custom": "custom plane"}
+
+# Sizes for TensorBoard's image card (shown about 450 px wide): big type, few words.
+_FS_SUPTITLE, _FS_TITLE, _FS_LABEL, _FS_TICK, _FS_LEGEND = 16.0, 14.5, 13.0, 11.5, 12.5
+_PANEL, _LINE_H = 3.3, 2.9
+"""Side of a square plane panel and height of the 1-D cuts' row (inches at 100 dpi)."""
 
 
 class NoSnapshotsError(FileNotFoundError):
@@ -73,7 +100,7 @@ class NoSnapshotsError(FileNotFoundError):
 
 
 # --------------------------------------------------------------------------------------------
-# colour scale
+# choosing the colour scale (pure numpy on the saved grids)
 
 
 def _plane_values(surface: Surface, include_val: bool) -> list[np.ndarray]:
@@ -91,59 +118,200 @@ def _usable(values: np.ndarray, log_scale: bool) -> np.ndarray:
     return ok
 
 
+def _finite(grids: Iterable[np.ndarray]) -> np.ndarray:
+    """All finite values of many grids, flattened into one array."""
+    parts = [g[np.isfinite(g)] for g in (np.asarray(x, dtype=np.float64) for x in grids)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _wants_log(low: float, high: float, smallest: float) -> bool:
+    """The ``"auto"`` rule: log when every value is positive and ``[low, high]`` spans > 1.5 decades."""
+    return smallest > 0 and low > 0 and high > low * 10.0**AUTO_LOG_DECADES
+
+
+def _check_percentiles(percentiles: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = float(percentiles[0]), float(percentiles[1])
+    if not 0.0 <= lo < hi <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles!r}")
+    return lo, hi
+
+
+def _check_log_scale(log_scale: object) -> LogScale:
+    if isinstance(log_scale, bool):
+        return log_scale
+    if log_scale == "auto":
+        return "auto"
+    raise ValueError(f"log_scale must be True, False or 'auto', got {log_scale!r}")
+
+
+@dataclass(frozen=True)
+class PlaneScale:
+    """How one plane is coloured and framed.
+
+    Attributes:
+        low, high: colour limits in loss units (before rounding the band edges outwards).
+        log: colour by ``log10(loss)``.
+        extent: half-widths ``(alpha, beta)`` of the drawn panel; ``None``: the grid's own.
+    """
+
+    low: float
+    high: float
+    log: bool
+    extent: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Scales:
+    """Everything that must stay fixed across the frames of one animation.
+
+    Attributes:
+        planes: the scale of each plane name (the same limits for all when ``shared``).
+        shared: one colour bar for all planes.
+        line_limits: y-range of the 1-D cuts in loss units (``None``: autoscale); line_log: log y-axis.
+        line_extents: half-width of each 1-D cut's t-axis, by cut name.
+    """
+
+    planes: Mapping[str, PlaneScale]
+    shared: bool = False
+    line_limits: tuple[float, float] | None = None
+    line_log: bool = False
+    line_extents: Mapping[str, float] = field(default_factory=dict)
+
+
+_GREY = PlaneScale(0.0, 1.0, False)
+"""The scale of a plane with no finite loss at all: grey grids, honestly."""
+
+
+def _plane_scale(
+    grids: Sequence[np.ndarray], log_scale: LogScale, clip: float | None, percentiles: tuple[float, float]
+) -> PlaneScale | None:
+    """Robust limits and the log decision for the pooled values of some grids; ``None`` if none is usable."""
+    values = _finite(grids)
+    if log_scale is True:
+        values = values[values > 0]
+    if values.size == 0:
+        return None
+    low, high = (float(x) for x in np.percentile(values, percentiles))
+    if clip is not None:
+        if not math.isfinite(clip) or (log_scale is True and clip <= 0):
+            raise ValueError(f"clip must be a finite{' positive' if log_scale is True else ''} loss, got {clip!r}")
+        if clip <= low:
+            raise ValueError(f"clip={clip!r} is not above the lowest loss on the scale ({low:.4g})")
+        high = min(high, float(clip))
+    log = log_scale if isinstance(log_scale, bool) else _wants_log(low, high, float(values.min()))
+    return PlaneScale(low, high, log)
+
+
 def color_limits(
     surfaces: Iterable[Surface],
-    log_scale: bool = False,
+    log_scale: LogScale = False,
     clip: float | None = None,
     *,
     include_val: bool = False,
+    percentiles: tuple[float, float] = PERCENTILES,
 ) -> tuple[float, float]:
-    """One colour range ``(low, high)`` over many surfaces (frames), for a fixed scale in an animation.
+    """One colour range ``(low, high)`` pooled over many surfaces (planes, frames).
 
-    Only finite losses count. With ``log_scale`` the range is that of ``log10(loss)`` over the
-    positive finite losses (the loss itself, never shifted: losses ``<= 0`` are left out and later
-    masked), so the limits are in decades. ``clip`` (in loss units on both scales) caps the top;
-    ``include_val`` also counts the validation grids. Raises ``ValueError`` when there is nothing
-    to scale or when ``clip`` is not above the lowest value.
+    The limits are ``percentiles`` of the finite losses (``(0, 100)``: the exact extremes). Units:
+    loss units for ``log_scale=False`` and ``"auto"``; decades of ``log10(loss)`` over the
+    positive losses for ``True``. ``clip`` (loss units) caps the top; ``include_val`` also counts
+    the validation grids. Raises ``ValueError`` when there is nothing to scale or when ``clip``
+    is not above the low limit. :func:`choose_scales` gives the full choice (per plane, extents).
     """
-    low, high = math.inf, -math.inf
-    for surface in surfaces:
-        for grid in _plane_values(surface, include_val):
-            ok = _usable(grid, log_scale)
-            if ok.any():
-                low, high = min(low, float(grid[ok].min())), max(high, float(grid[ok].max()))
-    if not math.isfinite(low):
-        raise ValueError("no finite" + (" positive" if log_scale else "") + " loss to set a colour range from")
-    if log_scale:
-        low, high = math.log10(low), math.log10(high)
-    if clip is not None:
-        if not math.isfinite(clip) or (log_scale and clip <= 0):
-            raise ValueError(f"clip must be a finite{' positive' if log_scale else ''} loss, got {clip!r}")
-        top = math.log10(clip) if log_scale else float(clip)
-        if top <= low:
-            raise ValueError(f"clip={clip!r} is not above the lowest loss on the scale")
-        high = min(high, top)
-    return float(low), float(high)
+    mode = _check_log_scale(log_scale)
+    grids = [g for s in surfaces for g in _plane_values(s, include_val)]
+    scale = _plane_scale(grids, mode, clip, _check_percentiles(percentiles))
+    if scale is None:
+        raise ValueError("no finite" + (" positive" if mode is True else "") + " loss to set a colour range from")
+    if mode is True:
+        return math.log10(scale.low), math.log10(scale.high)
+    return scale.low, scale.high
 
 
-def _line_limits(lines: Iterable[Line], log_scale: bool) -> tuple[float, float] | None:
-    """The y-range (in loss units) of many 1-D cuts, for fixed axes in an animation."""
-    low, high = math.inf, -math.inf
-    for line in lines:
-        for values in (line.losses, line.val_losses):
-            if values is None:
-                continue
-            v = np.asarray(values, dtype=np.float64)
-            ok = _usable(v, log_scale)
-            if ok.any():
-                low, high = min(low, float(v[ok].min())), max(high, float(v[ok].max()))
-    if not math.isfinite(low):
-        return None
-    return low, high
+def _extent(surfaces: Sequence[Surface]) -> tuple[float, float]:
+    """The largest half-widths ``(alpha, beta)`` among the frames of one plane."""
+    return (
+        max(float(np.max(np.abs(s.alphas))) for s in surfaces),
+        max(float(np.max(np.abs(s.betas))) for s in surfaces),
+    )
+
+
+def _line_scale(lines: Sequence[Line], log_scale: LogScale) -> tuple[tuple[float, float] | None, bool]:
+    """The y-range (loss units, exact extremes) and log choice of many 1-D cuts."""
+    values = _finite(v for line in lines for v in (line.losses, line.val_losses) if v is not None)
+    if log_scale is True:
+        values = values[values > 0]
+    if values.size == 0:
+        return None, log_scale is True
+    low, high = float(values.min()), float(values.max())
+    return (low, high), log_scale if isinstance(log_scale, bool) else _wants_log(low, high, low)
+
+
+def choose_scales(
+    snapshots: Sequence[Snapshot],
+    log_scale: LogScale = "auto",
+    *,
+    shared: bool = False,
+    clip: float | None = None,
+    percentiles: tuple[float, float] = PERCENTILES,
+    include_val: bool = False,
+) -> Scales:
+    """The colour scales, extents and 1-D-cut axes of one or many frames (one animation).
+
+    Args:
+        snapshots: the frames (one for a single picture).
+        log_scale: ``True``, ``False`` or ``"auto"`` (log when the limits span more than
+            :data:`AUTO_LOG_DECADES` decades and every finite loss is positive), decided per
+            plane, or once for all planes when ``shared``.
+        shared: one colour scale for all planes (to compare them) instead of one per plane.
+        clip: cap of the colour scale in loss units.
+        percentiles: the colour limits are these percentiles of the pooled finite losses.
+        include_val: the validation grids count too.
+    """
+    mode = _check_log_scale(log_scale)
+    pcts = _check_percentiles(percentiles)
+    by_name: dict[str, list[Surface]] = {}
+    for snap in snapshots:
+        for name, surface in _ordered_planes(snap):
+            by_name.setdefault(name, []).append(surface)
+    planes: dict[str, PlaneScale] = {}
+    if shared:
+        pooled = [g for surfaces in by_name.values() for s in surfaces for g in _plane_values(s, include_val)]
+        common = _plane_scale(pooled, mode, clip, pcts) or _GREY
+        planes = {name: replace(common, extent=_extent(surfaces)) for name, surfaces in by_name.items()}
+    else:
+        for name, surfaces in by_name.items():
+            grids = [g for s in surfaces for g in _plane_values(s, include_val)]
+            own = _plane_scale(grids, mode, clip, pcts) or _GREY
+            planes[name] = replace(own, extent=_extent(surfaces))
+    cuts: dict[str, list[Line]] = {}
+    for snap in snapshots:
+        for name, line in snap.lines.items():
+            cuts.setdefault(name, []).append(line)
+    line_limits, line_log = _line_scale([line for group in cuts.values() for line in group], mode)
+    if line_limits is not None and clip is not None:  # the cuts' axes stop where the colour scale does
+        line_limits = (line_limits[0], max(min(line_limits[1], clip), line_limits[0]))
+    extents = {name: max(float(np.max(np.abs(line.ts))) for line in group) for name, group in cuts.items()}
+    return Scales(planes, shared, line_limits, line_log, extents)
+
+
+def _legacy_scales(scales: Scales, limits: tuple[float, float], log_scale: LogScale) -> Scales:
+    """Scales with every plane on the given :func:`color_limits` (in that function's units)."""
+    low, high = float(limits[0]), float(limits[1])
+    if not (math.isfinite(low) and math.isfinite(high)) or high < low:
+        raise ValueError(f"colour limits must be finite with low <= high, got {limits!r}")
+    if log_scale is True:
+        low, high, log = 10.0**low, 10.0**high, True
+    elif log_scale is False:
+        log = False
+    else:
+        log = _wants_log(low, high, low)
+    planes = {n: PlaneScale(low, high, log, p.extent) for n, p in scales.planes.items()}
+    return replace(scales, planes=planes, shared=True)
 
 
 # --------------------------------------------------------------------------------------------
-# one figure
+# colour bands
 
 
 _LOG_SERIES = (
@@ -212,7 +380,7 @@ class _Scale:
         return LogNorm(vmin=lo, vmax=hi) if self.log else Normalize(vmin=lo, vmax=hi)
 
     def ticks(self) -> np.ndarray:
-        """Round colour-bar ticks inside the edges: about 8 equal steps, or 1-2-5 (or 1) per decade on a log scale."""
+        """Round colour-bar ticks inside the edges: about 5 equal steps, or 1-2-5 (or 1) per decade on a log scale."""
         lo, hi = float(self.edges[0]), float(self.edges[-1])
         if self.log and hi / lo >= 10:
             mant = self.edges / 10.0 ** np.floor(np.log10(self.edges) + 1e-9)
@@ -221,10 +389,10 @@ class _Scale:
                 ticks = np.asarray(
                     self.edges[np.isclose(mant[:, None], np.array(keep)[None, :], rtol=1e-6).any(axis=1)]
                 )
-                if len(ticks) <= 12:
+                if len(ticks) <= 7:
                     break
             return ticks
-        ticks = np.asarray(MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi), dtype=float)
+        ticks = np.asarray(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi), dtype=float)
         tol = 1e-9 * (hi - lo)
         return ticks[(ticks >= lo - tol) & (ticks <= hi + tol)]
 
@@ -240,39 +408,43 @@ class _Scale:
         return {(False, False): "neither", (True, False): "min", (False, True): "max"}.get((below, above), "both")
 
 
+# --------------------------------------------------------------------------------------------
+# one figure
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3g}".replace("-", "\N{MINUS SIGN}")
 
 
+def _capped_axes(surface: Surface) -> tuple[bool, bool]:
+    """Which Hessian-plane axes had their curvature-scale span capped (from the plane's metadata)."""
+    capped = surface.meta.get("span_capped")
+    if isinstance(capped, (list, tuple)) and len(capped) == 2:
+        return bool(capped[0]), bool(capped[1])
+    return False, False
+
+
 def _axis_labels(surface: Surface) -> tuple[str, str]:
+    """Short axis labels that carry the scale: eigenvalues on a Hessian plane, direction norms otherwise."""
     if surface.kind == "hessian" and surface.eigenvalues is not None:
-        lmax, lmin = surface.eigenvalues
-        return f"{_ALPHA} · v_max (λ={_fmt(lmax)})", f"{_BETA} · v_min (λ={_fmt(lmin)})"
+        names = ("v_max", "v_min")
+        capped = _capped_axes(surface)
+        return cast(
+            tuple[str, str],
+            tuple(
+                f"{sym} · {name} (λ={_fmt(lam)}{', capped' if cap else ''})"
+                for sym, name, lam, cap in zip((_ALPHA, _BETA), names, surface.eigenvalues, capped)
+            ),
+        )
     labels = []
-    for sym, name, norm in ((_ALPHA, surface.labels[0], surface.d1_norm), (_BETA, surface.labels[1], surface.d2_norm)):
-        text = f"{sym} · {name}"
+    for k, (sym, name, norm) in enumerate(
+        ((_ALPHA, surface.labels[0], surface.d1_norm), (_BETA, surface.labels[1], surface.d2_norm)), start=1
+    ):
+        text = f"{sym} · d{k}" if surface.kind == "random" else f"{sym} · {name}"
         if math.isfinite(norm) and not math.isclose(norm, 1.0, rel_tol=1e-6):
-            text += f"  (‖d‖={_fmt(norm)})"
+            text += f" (‖d‖={_fmt(norm)})"
         labels.append(text)
     return labels[0], labels[1]
-
-
-def _bad_counts(values: np.ndarray, log_scale: bool) -> str:
-    """'2 masked: 1 NaN, 1 +inf' or ''."""
-    parts = []
-    for name, mask in (
-        ("NaN", np.isnan(values)),
-        ("+inf", np.isposinf(values)),
-        ("\N{MINUS SIGN}inf", np.isneginf(values)),
-        ("≤ 0", np.isfinite(values) & (values <= 0) if log_scale else np.zeros(values.shape, bool)),
-    ):
-        n = int(mask.sum())
-        if n:
-            parts.append(f"{n} {name}")
-    if not parts:
-        return ""
-    total = int((~_usable(values, log_scale)).sum())
-    return f"{total} masked: " + ", ".join(parts)
 
 
 def _ordered_planes(snapshot: Snapshot) -> list[tuple[str, Surface]]:
@@ -284,80 +456,90 @@ def _ordered_planes(snapshot: Snapshot) -> list[tuple[str, Surface]]:
 _OUTLINE = [patheffects.withStroke(linewidth=3.0, foreground="black")]
 
 
-def _aspect(surface: Surface) -> float | None:
-    """Width / height of the plane in its coordinates, or ``None`` if too extreme to draw to scale."""
-    span_x = float(surface.alphas[-1] - surface.alphas[0])
-    span_y = float(surface.betas[-1] - surface.betas[0])
-    if not (span_x > 0 and span_y > 0) or max(span_x, span_y) > 5 * min(span_x, span_y):
-        return None
-    return span_x / span_y
+@dataclass
+class _Shown:
+    """What the pictures of one figure actually contain (so that the legend lists only that)."""
+
+    minimum: bool = False
+    masked: bool = False
+    nonpositive: bool = False
 
 
 def _draw_plane(
-    ax: Axes,
-    surface: Surface,
-    values: np.ndarray,
-    scale: _Scale,
-    extend: str,
-    title: str,
-) -> QuadContourSet:
+    ax: Axes, surface: Surface, values: np.ndarray, scale: _Scale, extend: str, title: str, plane: PlaneScale
+) -> tuple[QuadContourSet, _Shown]:
+    """One plane in a square panel: filled bands, a few unlabelled contour lines, the markers."""
     values = np.asarray(values, dtype=np.float64)
-    masked = np.ma.masked_array(values, mask=~_usable(values, scale.log))
+    ok = _usable(values, scale.log)
     alphas, betas = np.asarray(surface.alphas, dtype=np.float64), np.asarray(surface.betas, dtype=np.float64)
-    ax.set_facecolor(BAD_COLOR)
+    ax.set_facecolor(OUTSIDE_COLOR)
+    x0, y0 = float(alphas[0]), float(betas[0])
+    ax.add_patch(
+        Rectangle((x0, y0), float(alphas[-1]) - x0, float(betas[-1]) - y0, facecolor=BAD_COLOR, lw=0, zorder=0.5)
+    )
+    masked = np.ma.masked_array(values, mask=~ok)
     filled = ax.contourf(alphas, betas, masked, levels=scale.edges, cmap=CMAP, norm=scale.norm, extend=extend)
-    n_bands = len(scale.edges) - 1
-    step = max(1, n_bands // 10)
-    line_levels = scale.edges[step:-1:step]
-    if masked.count() and len(line_levels):
-        lines = ax.contour(alphas, betas, masked, levels=line_levels, colors="black", linewidths=0.5, alpha=0.55)
-        ax.clabel(lines, np.asarray(lines.levels)[::2], inline=True, fontsize=6.5, fmt=_fmt)
-    bad = ~_usable(values, scale.log)
-    if bad.any():
-        bi, aj = np.nonzero(bad)
-        ax.scatter(alphas[aj], betas[bi], marker="x", s=22, c="black", linewidths=1.2, zorder=4)
-    ax.plot([0.0], [0.0], marker="+", ms=13, mew=2.0, color="white", path_effects=_OUTLINE, zorder=5, clip_on=False)
-    gm = grid_minimum(surface, values=np.where(_usable(values, scale.log), values, np.nan))
+    line_levels = [t for t in scale.ticks() if scale.edges[0] < t < scale.edges[-1]]
+    if masked.count() and line_levels:
+        ax.contour(alphas, betas, masked, levels=line_levels, colors="black", linewidths=0.6, alpha=0.45)
+    shown = _Shown(masked=bool((~ok).any()), nonpositive=bool((np.isfinite(values) & (values <= 0)).any()))
+    if shown.masked:
+        bi, aj = np.nonzero(~ok)
+        ax.scatter(alphas[aj], betas[bi], marker="x", s=30, c="black", linewidths=1.4, zorder=4)
+    ax.plot([0.0], [0.0], marker="+", ms=16, mew=2.4, color="white", path_effects=_OUTLINE, zorder=5, clip_on=False)
+    gm = grid_minimum(surface, values=np.where(ok, values, np.nan))
+    subtitle = []
     if math.isfinite(gm.loss):
-        ax.plot([gm.alpha], [gm.beta], marker="*", ms=13, color="red", mec="white", mew=0.9, zorder=6, clip_on=False)
-        title += f"\nmin {_fmt(gm.loss)} at ({_fmt(gm.alpha)}, {_fmt(gm.beta)})"
-    counts = _bad_counts(values, scale.log)
-    title += f"\n{counts}" if counts else "\n "
-    ax.set_title(title, fontsize=9.5)
+        shown.minimum = True
+        ax.plot([gm.alpha], [gm.beta], marker="*", ms=16, color="red", mec="white", mew=1.0, zorder=6, clip_on=False)
+        subtitle.append(f"min {_fmt(gm.loss)}")
+    if shown.masked:
+        subtitle.append(f"{int((~ok).sum())} masked")
+    ax.set_title(title + "\n" + (" · ".join(subtitle) or " "), fontsize=_FS_TITLE)
     xlabel, ylabel = _axis_labels(surface)
-    ax.set_xlabel(xlabel, fontsize=9)
-    ax.set_ylabel(ylabel, fontsize=9)
-    ax.tick_params(labelsize=8)
-    ax.set_xlim(float(alphas[0]), float(alphas[-1]))
-    ax.set_ylim(float(betas[0]), float(betas[-1]))
-    if _aspect(surface) is not None:
-        ax.set_aspect("equal", adjustable="box")
-    else:  # a strip too thin to read: keep it readable and say so
-        ax.set_aspect("auto")
-        ax.text(0.99, 0.01, "axes not to scale", transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
-    return filled
+    ax.set_xlabel(xlabel, fontsize=_FS_LABEL)
+    ax.set_ylabel(ylabel, fontsize=_FS_LABEL)
+    ax.tick_params(labelsize=_FS_TICK)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, symmetric=True))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4, symmetric=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _fmt(x)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _fmt(x)))
+    ex, ey = plane.extent if plane.extent is not None else (abs(x0), abs(y0))
+    ax.set_xlim(-max(ex, abs(x0)), max(ex, abs(x0)))
+    ax.set_ylim(-max(ey, abs(y0)), max(ey, abs(y0)))
+    ax.set_box_aspect(1.0)  # square panels: each plane readable whatever its extents (the labels carry the scale)
+    return filled, shown
 
 
 def _line_title(name: str, line: Line, snapshot: Snapshot) -> str:
     hess = snapshot.planes.get("hessian")
     if hess is not None and hess.eigenvalues is not None and name in ("v_max", "v_min"):
         lam = hess.eigenvalues[0 if name == "v_max" else 1]
-        return f"1-D cut along {name} (λ={_fmt(lam)})"
-    return f"1-D cut along {line.label or name}"
+        return f"along {name} (λ={_fmt(lam)})"
+    return f"along {line.label or name}"
 
 
-def _draw_line(
-    ax: Axes, name: str, line: Line, snapshot: Snapshot, log_scale: bool, ylim: tuple[float, float] | None
-) -> None:
+def _line_ylim(ax: Axes, ylim: tuple[float, float], use_log: bool) -> None:
+    lo, hi = ylim
+    if use_log:
+        pad = 10 ** (0.05 * max(math.log10(hi / lo), 0.02))
+        ax.set_ylim(lo / pad, hi * pad)
+    else:
+        pad = 0.05 * max(hi - lo, 1e-12 * max(abs(hi), 1.0))
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def _draw_line(ax: Axes, name: str, line: Line, snapshot: Snapshot, scales: Scales) -> None:
+    """One 1-D cut: train (and validation) loss against t, masked points as ``x`` at the top."""
     ts = np.asarray(line.ts, dtype=np.float64)
     series: list[tuple[str, np.ndarray, dict[str, Any]]] = [
-        ("train", np.asarray(line.losses, dtype=np.float64), {"color": "C0", "lw": 1.6})
+        ("train", np.asarray(line.losses, dtype=np.float64), {"color": "C0", "lw": 2.0})
     ]
     if line.val_losses is not None:
         series.append(
-            ("validation", np.asarray(line.val_losses, dtype=np.float64), {"color": "C1", "lw": 1.4, "ls": "--"})
+            ("validation", np.asarray(line.val_losses, dtype=np.float64), {"color": "C1", "lw": 1.8, "ls": "--"})
         )
-    use_log = log_scale and any(_usable(v, True).any() for _, v, _ in series)
+    use_log = scales.line_log and any(_usable(v, True).any() for _, v, _ in series)
     if use_log:
         ax.set_yscale("log")
     mid = len(ts) // 2
@@ -367,49 +549,47 @@ def _draw_line(
         ax.plot(ts, np.where(ok, values, np.nan), label=label, **style)
         n_bad += int((~ok).sum())
         if not ok.all():
-            ax.plot(
-                ts[~ok],
-                np.full(int((~ok).sum()), 0.97),
-                ls="none",
-                marker="x",
-                color=style["color"],
-                transform=ax.get_xaxis_transform(),
-            )
+            top = np.full(int((~ok).sum()), 0.97)
+            ax.plot(ts[~ok], top, ls="none", marker="x", color=style["color"], transform=ax.get_xaxis_transform())
         if ok[mid]:
-            ax.plot([ts[mid]], [values[mid]], marker="+", ms=11, mew=1.8, color="black", zorder=5)
+            ax.plot([ts[mid]], [values[mid]], marker="+", ms=13, mew=2.0, color="black", zorder=5)
     ax.axvline(0.0, color="0.5", lw=0.8, ls=":", zorder=0)
-    if ylim is not None:
-        lo, hi = ylim
-        if use_log:
-            pad = 10 ** (0.05 * max(math.log10(hi / lo), 0.02))
-            ax.set_ylim(lo / pad, hi * pad)
-        else:
-            pad = 0.05 * max(hi - lo, 1e-12 * max(abs(hi), 1.0))
-            ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlim(float(ts[0]), float(ts[-1]))
-    title = _line_title(name, line, snapshot)
-    if n_bad:
-        title += f" · {n_bad} masked (x)"
-    ax.set_title(title, fontsize=9.5)
-    ax.set_xlabel(f"t  (‖d‖={_fmt(line.d_norm)})" if math.isfinite(line.d_norm) else "t", fontsize=9)
-    ax.set_ylabel("loss", fontsize=9)
-    ax.tick_params(labelsize=8)
+    if scales.line_limits is not None and (not use_log or scales.line_limits[0] > 0):
+        _line_ylim(ax, scales.line_limits, use_log)
+    half = scales.line_extents.get(name, float(np.max(np.abs(ts))))
+    ax.set_xlim(-half, half)
+    title = _line_title(name, line, snapshot) + (f" · {n_bad} masked" if n_bad else "")
+    ax.set_title(title, fontsize=_FS_TITLE)
+    unit = math.isfinite(line.d_norm) and math.isclose(line.d_norm, 1.0, rel_tol=1e-6)
+    ax.set_xlabel("t" if unit or not math.isfinite(line.d_norm) else f"t (‖d‖={_fmt(line.d_norm)})", fontsize=_FS_LABEL)
+    ax.set_ylabel("loss", fontsize=_FS_LABEL)
+    ax.tick_params(labelsize=_FS_TICK)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, symmetric=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _fmt(x)))
     ax.grid(True, lw=0.4, alpha=0.5)
     if len(series) > 1:
-        ax.legend(fontsize=7.5, loc="best")
+        ax.legend(fontsize=_FS_LEGEND - 1.5, loc="best")
 
 
-_PLANE_H, _LINE_H, _AX_H = 5.0, 2.7, 3.6
+def _rows(snapshot: Snapshot, show_val: bool) -> list[tuple[str, bool]]:
+    planes = snapshot.planes.values()
+    rows = [("", False)]
+    if show_val and any(s.val_losses is not None for s in planes):
+        rows.append((" · validation", True))
+    return rows
 
 
-def figure_size(snapshot: Snapshot, show_val: bool = False) -> tuple[float, float]:
-    """Width and height (inches) that :func:`snapshot_figure` gives this snapshot: planes drawn to
-    scale about 3.6 in high, 1-D cuts below; take the largest over the frames of an animation."""
-    planes = [s for _, s in _ordered_planes(snapshot)]
-    n_rows = 2 if show_val and any(s.val_losses is not None for s in planes) else 1
-    width = sum(min(_aspect(s) or 1.3, 2.5) * _AX_H + 1.0 for s in planes) + (1.3 if planes else 0.0)
-    width = max(width, 4.0 * len(snapshot.lines) + 0.5, 6.0)
-    height = (n_rows * _PLANE_H if planes else 0.0) + (_LINE_H if snapshot.lines else 0.0) + 0.5
+def figure_size(snapshot: Snapshot, show_val: bool = False, *, shared: bool = False) -> tuple[float, float]:
+    """Width and height (inches) that :func:`snapshot_figure` gives this snapshot: square plane
+    panels side by side (a colour bar each, or one when ``shared``), the 1-D cuts below; take the
+    largest over the frames of an animation."""
+    n_planes, n_lines = len(snapshot.planes), len(snapshot.lines)
+    colorbars = (1 if n_planes else 0) if shared else n_planes
+    width = n_planes * (_PANEL + 0.95) + colorbars * 1.0 + 0.2
+    width = max(width, 4.3 * n_lines + 0.3, 4.0)
+    legend = 0.5
+    planes_h = len(_rows(snapshot, show_val)) * (_PANEL + 1.4) + legend if n_planes else 0.0
+    height = planes_h + (_LINE_H if n_lines else 0.0) + 0.5
     return round(width, 2), round(max(height, 2.5), 2)
 
 
@@ -424,114 +604,139 @@ def _center_loss(snapshot: Snapshot) -> tuple[float, float | None]:
     return math.nan, None
 
 
+def _legend(section: FigureBase, shown: _Shown, width: float) -> None:
+    """Legend entries for what the planes show, and nothing else."""
+    entries: list[tuple[Any, str]] = [
+        (Line2D([], [], ls="none", marker="+", ms=13, mew=2.4, color="white", path_effects=_OUTLINE), "weights")
+    ]
+    if shown.minimum:
+        entries.append((Line2D([], [], ls="none", marker="*", ms=14, color="red", mec="white", mew=0.8), "grid min"))
+    if shown.masked:
+        what = "NaN, inf or ≤ 0" if shown.nonpositive else "NaN or inf"
+        entries.append((Line2D([], [], ls="none", marker="x", ms=8, mew=1.4, color="black"), f"masked ({what})"))
+        entries.append((Patch(facecolor=BAD_COLOR, edgecolor="black", lw=0.5), "no data"))
+    ncol = len(entries) if width >= 8.0 or len(entries) <= 2 else 2
+    handles, names = zip(*entries)
+    section.legend(
+        list(handles), list(names), loc="outside lower center", ncol=ncol, fontsize=_FS_LEGEND, frameon=False
+    )
+
+
+def _colorbar(section: FigureBase, filled: QuadContourSet, axes: list[Axes], scale: _Scale) -> None:
+    cbar = section.colorbar(filled, ax=axes, shrink=0.85, pad=0.03, aspect=18)
+    cbar.set_label("loss (log scale)" if scale.log else "loss", fontsize=_FS_LABEL)
+    cbar.ax.tick_params(labelsize=_FS_TICK)
+    cbar.set_ticks(list(scale.ticks()))
+    cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _fmt(x)))
+    cbar.ax.minorticks_off()
+
+
+def _draw_planes(
+    section: FigureBase, snapshot: Snapshot, scales: Scales, rows: list[tuple[str, bool]], levels: int, width: float
+) -> None:
+    """The plane panels (a row per train/validation), their colour bars and the legend."""
+    planes = _ordered_planes(snapshot)
+    axes = section.subplots(len(rows), len(planes), squeeze=False)
+    shown = _Shown()
+    columns: list[tuple[QuadContourSet, list[Axes], _Scale]] = []
+    for c, (name, surface) in enumerate(planes):
+        plane = scales.planes.get(name) or _GREY
+        limits = (math.log10(plane.low), math.log10(plane.high)) if plane.log else (plane.low, plane.high)
+        scale = _Scale.make(limits, plane.log, levels)
+        grids = [np.asarray(g, dtype=np.float64) for g in (surface.losses, surface.val_losses) if g is not None]
+        extend = scale.extend(grids[: len(rows)])
+        filled = None
+        for r, (suffix, is_val) in enumerate(rows):
+            ax = axes[r][c]
+            values = surface.val_losses if is_val else surface.losses
+            if values is None:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, "no validation grid", ha="center", va="center", transform=ax.transAxes)
+                continue
+            head = _PLANE_TITLES.get(surface.kind, f"{surface.kind} plane")
+            if name not in _PLANE_ORDER and name != surface.kind:
+                head += f" '{name}'"
+            filled, seen = _draw_plane(ax, surface, values, scale, extend, head + suffix, plane)
+            shown.minimum |= seen.minimum
+            shown.masked |= seen.masked
+            shown.nonpositive |= seen.nonpositive
+        if filled is not None:
+            columns.append((filled, [axes[r][c] for r in range(len(rows))], scale))
+    if scales.shared and columns:
+        _colorbar(section, columns[-1][0], [ax for _, col, _ in columns for ax in col], columns[-1][2])
+    else:
+        for filled, col, scale in columns:
+            _colorbar(section, filled, col, scale)
+    _legend(section, shown, width)
+
+
 def snapshot_figure(
     snapshot: Snapshot,
     limits: tuple[float, float] | None = None,
-    log_scale: bool = False,
+    log_scale: LogScale = "auto",
     levels: int = 20,
     show_val: bool = False,
     *,
+    scales: Scales | None = None,
+    shared_scale: bool = False,
+    percentiles: tuple[float, float] = PERCENTILES,
     line_limits: tuple[float, float] | None = None,
     figsize: tuple[float, float] | None = None,
     dpi: float = 100.0,
 ) -> Figure:
-    """One figure of a snapshot: its planes side by side (random left, Hessian right) and its 1-D cuts below.
+    """One figure of a snapshot: its planes side by side (random left, Hessian right), its 1-D cuts below.
 
     Args:
         snapshot: the frame to draw.
-        limits: the colour range, in the units of :func:`color_limits` with the same ``log_scale``
-            (decades of ``log10(loss)`` on a log scale); ``None``: this snapshot's own range.
-        log_scale: colour (and 1-D cuts) on ``log10(loss)``; losses ``<= 0`` are masked.
-        levels: number of colour bands (contour lines are drawn on about ten of their edges).
-        show_val: add a second row of planes with the validation losses (same colour scale).
-        line_limits: fixed y-range (loss units) of the 1-D cuts, for animations; ``None``: autoscale.
-        figsize: inches; ``None``: :func:`figure_size` of this snapshot (pass one size for all
-            frames of an animation).
+        limits: one colour range for all planes, in the units of :func:`color_limits` with the same
+            ``log_scale``; ``None``: chosen from this snapshot (see ``scales``).
+        log_scale: ``True``, ``False`` or ``"auto"`` (see :func:`choose_scales`).
+        levels: number of colour bands.
+        show_val: add a second row of planes with the validation losses (on the train row's scales).
+        scales: colour scales, extents and cut axes fixed over an animation (:func:`choose_scales`
+            over all frames); ``None``: :func:`choose_scales` of this snapshot alone.
+        shared_scale: one colour scale for all planes instead of one per plane (without ``scales``).
+        percentiles: robust colour limits (without ``scales``).
+        line_limits: fixed y-range (loss units) of the 1-D cuts; ``None``: from ``scales``.
+        figsize: inches; ``None``: :func:`figure_size` (pass one size for all frames of an animation).
         dpi: pixels per inch of the figure (and of :func:`figure_to_rgb`).
 
-    The figure has one axes per drawn plane, one shared colour bar (if any plane) and one axes per
-    1-D cut, in that order in ``fig.axes``.
+    ``fig.axes`` holds the plane axes (row by row), then the colour bars, then one axes per 1-D cut.
     """
     if levels < 2:
         raise ValueError(f"levels must be >= 2, got {levels!r}")
-    planes = _ordered_planes(snapshot)
-    rows: list[tuple[str, bool]] = [("", False)]
-    if show_val and any(s.val_losses is not None for _, s in planes):
-        rows.append((" · validation", True))
-    if planes and limits is None:
-        try:
-            limits = color_limits([s for _, s in planes], log_scale, include_val=len(rows) > 1)
-        except ValueError:  # nothing finite anywhere: draw the grey grids and say so
-            limits = (0.0, 1.0)
-    lines = list(snapshot.lines.items())
+    mode = _check_log_scale(log_scale)
+    rows = _rows(snapshot, show_val)
+    if scales is None:
+        shared = shared_scale or limits is not None
+        scales = choose_scales([snapshot], mode, shared=shared, percentiles=percentiles, include_val=len(rows) > 1)
+    if limits is not None:
+        scales = _legacy_scales(scales, limits, mode)
+    if line_limits is not None:
+        scales = replace(scales, line_limits=line_limits, line_log=scales.line_log if mode == "auto" else bool(mode))
     if figsize is None:
-        figsize = figure_size(snapshot, show_val)
+        figsize = figure_size(snapshot, show_val, shared=scales.shared)
     fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     center, val_center = _center_loss(snapshot)
-    title = f"step {snapshot.step}  ·  epoch {snapshot.epoch}  ·  centre loss {_fmt(center)}"
+    title = f"step {snapshot.step} · loss {_fmt(center)}"
     if val_center is not None:
-        title += f"  (validation {_fmt(val_center)})"
-    fig.suptitle(title, fontsize=11.5)
-
-    top: FigureBase
-    bottom: FigureBase
-    if planes and lines:
-        subs = np.asarray(fig.subfigures(2, 1, height_ratios=[len(rows) * _PLANE_H, _LINE_H]), dtype=object)
+        title += f" (val {_fmt(val_center)})"
+    fig.suptitle(title, fontsize=_FS_SUPTITLE)
+    lines = list(snapshot.lines.items())
+    top: FigureBase = fig
+    bottom: FigureBase = fig
+    if snapshot.planes and lines:
+        planes_h = figsize[1] - _LINE_H
+        subs = np.asarray(fig.subfigures(2, 1, height_ratios=[planes_h, _LINE_H]), dtype=object)
         top, bottom = cast(FigureBase, subs[0]), cast(FigureBase, subs[1])
-    else:
-        top = bottom = fig
-    if planes:
-        assert limits is not None
-        scale = _Scale.make(limits, log_scale, levels)
-        grids = [
-            np.asarray(s.val_losses if is_val else s.losses, dtype=np.float64)
-            for _, is_val in rows
-            for _, s in planes
-            if not is_val or s.val_losses is not None
-        ]
-        extend = scale.extend(grids)
-        ratios = [_aspect(s) or 1.0 for _, s in planes]
-        axes = top.subplots(len(rows), len(planes), squeeze=False, width_ratios=ratios)
-        filled = None
-        for r, (suffix, is_val) in enumerate(rows):
-            for c, (name, surface) in enumerate(planes):
-                ax = axes[r][c]
-                values = surface.val_losses if is_val else surface.losses
-                if values is None:
-                    ax.set_axis_off()
-                    ax.text(0.5, 0.5, "no validation grid", ha="center", va="center", transform=ax.transAxes)
-                    continue
-                head = _PLANE_TITLES.get(surface.kind, f"{surface.kind} plane")
-                if name not in _PLANE_ORDER and name != surface.kind:
-                    head += f" '{name}'"
-                filled = _draw_plane(ax, surface, values, scale, extend, head + suffix)
-        assert filled is not None
-        cbar = top.colorbar(filled, ax=axes.ravel().tolist(), shrink=0.9, pad=0.02, aspect=30)
-        cbar.set_label("loss (log scale)" if log_scale else "loss", fontsize=9)
-        cbar.ax.tick_params(labelsize=8)
-        cbar.set_ticks(list(scale.ticks()))
-        cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _fmt(x)))
-        cbar.ax.minorticks_off()
-        handles: list[Any] = [
-            Line2D([], [], ls="none", marker="+", ms=10, mew=2.0, color="white", path_effects=_OUTLINE),
-            Line2D([], [], ls="none", marker="*", ms=11, color="red", mec="white", mew=0.8),
-            Line2D([], [], ls="none", marker="x", ms=6, mew=1.2, color="black"),
-            Patch(facecolor=BAD_COLOR, edgecolor="black", lw=0.5),
-        ]
-        names = [
-            "centre = current weights",
-            "grid minimum",
-            "masked point (non-finite" + (" or ≤ 0)" if log_scale else ")"),
-            "no data, not interpolated",
-        ]
-        ncol = 4 if fig.get_figwidth() >= 8.5 else 2
-        top.legend(handles, names, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
+    if snapshot.planes:
+        _draw_planes(top, snapshot, scales, rows, levels, figsize[0])
     if lines:
         line_axes = bottom.subplots(1, len(lines), squeeze=False)[0]
         for ax, (name, line) in zip(line_axes, lines):
-            _draw_line(ax, name, line, snapshot, log_scale, line_limits)
-    if not planes and not lines:
+            _draw_line(ax, name, line, snapshot, scales)
+    if not snapshot.planes and not lines:
         fig.text(0.5, 0.5, "empty snapshot: no planes and no 1-D cuts", ha="center", va="center")
     return fig
 
@@ -626,20 +831,23 @@ def snapshot_dirs(directory: Path) -> list[Path]:
 def render_run(
     directory: Path,
     out: Path | None = None,
-    log_scale: bool = False,
+    log_scale: LogScale = "auto",
     clip: float | None = None,
     fps: float = 2.0,
     levels: int = 20,
     *,
     show_val: bool = False,
+    shared_scale: bool = False,
+    percentiles: tuple[float, float] = PERCENTILES,
 ) -> list[Path]:
     """Re-render every snapshot of a snapshot directory (or of each ``landscape/<prefix>/`` of a run dir).
 
-    Each snapshot becomes ``<out>/step_<step>.png``, all with ONE colour scale
-    (:func:`color_limits` over every snapshot's planes) and fixed 1-D-cut axes, and the frames
-    become ``<out>/animation.gif``. ``out`` defaults to the snapshot directory itself; for a run
-    dir it gets one sub-folder per prefix. Returns the written paths (PNGs in step order, then the
-    GIF, per directory). Raises :class:`NoSnapshotsError` if there is nothing to render.
+    Each snapshot becomes ``<out>/step_<step>.png`` and the frames become ``<out>/animation.gif``.
+    The colour scales, the log choice, each plane's extent and the 1-D cuts' axes are chosen once
+    over all frames (:func:`choose_scales`), so nothing jumps in the animation. ``out`` defaults to
+    the snapshot directory itself; for a run dir it gets one sub-folder per prefix. Returns the
+    written paths (PNGs in step order, then the GIF, per directory). Raises
+    :class:`NoSnapshotsError` if there is nothing to render.
     """
     directory = Path(directory)
     sources = snapshot_dirs(directory)
@@ -647,6 +855,7 @@ def render_run(
         raise NoSnapshotsError(
             f"no landscape snapshots (step_*.npz) in {directory} or in its landscape/<prefix>/ folders"
         )
+    options = _RunOptions(_check_log_scale(log_scale), clip, fps, levels, show_val, shared_scale, percentiles)
     written: list[Path] = []
     for source in sources:
         if out is None:
@@ -655,35 +864,40 @@ def render_run(
             target = Path(out)
         else:
             target = Path(out) / source.name
-        written += _render_directory(source, target, log_scale, clip, fps, levels, show_val)
+        written += _render_directory(source, target, options)
     return written
 
 
-def _render_directory(
-    source: Path, target: Path, log_scale: bool, clip: float | None, fps: float, levels: int, show_val: bool
-) -> list[Path]:
+@dataclass(frozen=True)
+class _RunOptions:
+    log_scale: LogScale
+    clip: float | None
+    fps: float
+    levels: int
+    show_val: bool
+    shared: bool
+    percentiles: tuple[float, float]
+
+
+def _render_directory(source: Path, target: Path, opt: _RunOptions) -> list[Path]:
     paths = list_snapshots(source)
     snapshots = [load_snapshot(p) for p in paths]
-    surfaces = [s for snap in snapshots for s in snap.planes.values()]
-    sizes = [figure_size(snap, show_val) for snap in snapshots]
+    scales = choose_scales(
+        snapshots,
+        opt.log_scale,
+        shared=opt.shared,
+        clip=opt.clip,
+        percentiles=opt.percentiles,
+        include_val=opt.show_val,
+    )
+    sizes = [figure_size(snap, opt.show_val, shared=opt.shared) for snap in snapshots]
     figsize = (max(w for w, _ in sizes), max(h for _, h in sizes))
-    limits: tuple[float, float] | None = None
-    if surfaces:
-        try:
-            limits = color_limits(surfaces, log_scale, clip, include_val=show_val)
-        except ValueError:
-            if clip is not None:
-                raise
-            limits = (0.0, 1.0)  # nothing finite in any frame: grey grids, honestly
-    line_limits = _line_limits((line for snap in snapshots for line in snap.lines.values()), log_scale)
-    if line_limits is not None and clip is not None:  # the cuts' axes stop where the colour scale does
-        line_limits = (line_limits[0], max(min(line_limits[1], clip), line_limits[0]))
     written: list[Path] = []
     for path, snap in zip(paths, snapshots):
-        fig = snapshot_figure(snap, limits, log_scale, levels, show_val, line_limits=line_limits, figsize=figsize)
+        fig = snapshot_figure(snap, levels=opt.levels, show_val=opt.show_val, scales=scales, figsize=figsize)
         written.append(_save_png(figure_to_rgb(fig), target / f"{path.stem}.png"))
         del fig
-    written.append(write_gif(_PngFrames(list(written)), target / ANIMATION_NAME, fps))
+    written.append(write_gif(_PngFrames(list(written)), target / ANIMATION_NAME, opt.fps))
     return written
 
 

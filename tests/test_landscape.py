@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from helpers import QuadraticModel, assert_untouched, bn_cnn_case, quadratic_loss, snapshot, tanh_mlp_case
 from lightning_hessian import Objective, extremal_eigenpairs
+from lightning_hessian.frames import FrameState, LandscapeConfig, landscape_frame, weight_norm
 from lightning_hessian.indicators import grid_curvatures, grid_minimum, plane_curvature, saddle_visibility
 from lightning_hessian.landscape import (
     centred_coordinates,
@@ -18,6 +21,7 @@ from lightning_hessian.landscape import (
     orthogonalize,
     random_direction,
 )
+from lightning_hessian.snapshots import load_snapshot, save_snapshot
 
 
 def _saddle(n: int = 400, seed: int = 0) -> tuple[np.ndarray, Objective]:
@@ -176,3 +180,62 @@ def test_loss_line_and_curvature_span() -> None:
     np.testing.assert_allclose(line.losses - line.losses[2], 0.5 * vals.max() * line.ts**2, atol=1e-10)
     assert curvature_span(4.0, 2.0, rise=1.0) == pytest.approx(1.0)
     assert curvature_span(0.0, 1.0) == 1e3  # flat: clipped
+
+
+def _near_flat_saddle(n: int = 40, lam_min: float = -1e-4) -> Objective:
+    """A quadratic whose most negative eigenvalue is tiny, away from its critical point (loss > 0)."""
+    gen = np.random.default_rng(3)
+    vals = gen.uniform(0.5, 2.0, n)
+    vals[0] = lam_min
+    model = QuadraticModel(vals, seed=3)
+    with torch.no_grad():
+        model.theta.copy_(model.c + 0.2 * torch.tensor(gen.standard_normal(n)))
+    return Objective(model, quadratic_loss, [None])
+
+
+def test_tiny_lambda_min_span_is_capped_by_the_weight_norm_and_recorded(tmp_path: Path) -> None:
+    obj = _near_flat_saddle()
+    norm = float(obj.parameters().norm())  # 1-D parameters only: the norm of all of them
+    assert weight_norm(obj) == pytest.approx(norm)
+    config = LandscapeConfig(planes=("hessian",), resolution=5, line_resolution=5, max_span=0.5)
+    snap = landscape_frame(obj, config, FrameState())
+    record = snap.meta["hessian_span"]
+    lam_max, lam_min = snap.planes["hessian"].eigenvalues  # type: ignore[misc]
+    assert lam_min == pytest.approx(-1e-4, rel=1e-3)
+    center = snap.scalars["center_loss"]
+    raw = curvature_span(lam_min, center)
+    assert raw > 10 * norm  # uncapped, the plane would reach far beyond the weights' own size
+    assert record["capped"] == [False, True] and record["cap"] == pytest.approx(0.5 * norm)
+    assert record["curvature_spans"][1] == pytest.approx(raw)
+    assert "v_min" in record["reason"] and "capped" in record["reason"]
+    assert snap.scalars["hessian_span_min"] == pytest.approx(0.5 * norm)
+    assert snap.scalars["hessian_span_max"] == pytest.approx(curvature_span(lam_max, center))
+    assert snap.planes["hessian"].betas[-1] == pytest.approx(0.5 * norm)
+    assert snap.lines["v_min"].ts[-1] == pytest.approx(0.5 * norm)  # the 1-D cut uses the same span
+    # the record survives the file round trip and reaches the picture
+    loaded = load_snapshot(save_snapshot(tmp_path, snap))
+    assert loaded.meta["hessian_span"]["capped"] == [False, True]
+    assert loaded.planes["hessian"].meta["span_capped"] == [False, True]
+
+
+def test_span_cap_off_and_fixed_span_are_recorded() -> None:
+    obj = _near_flat_saddle()
+    uncapped = LandscapeConfig(planes=("hessian",), resolution=3, lines=False, max_span=None)
+    record = landscape_frame(obj, uncapped, FrameState()).meta["hessian_span"]
+    assert record["capped"] == [False, False] and record["cap"] is None
+    assert record["spans"] == record["curvature_spans"]
+    fixed = LandscapeConfig(planes=("hessian",), resolution=3, lines=False, span=0.3)
+    record = landscape_frame(obj, fixed, FrameState()).meta["hessian_span"]
+    assert record["rule"] == "fixed" and record["spans"] == [0.3, 0.3]
+    with pytest.raises(ValueError, match="max_span"):
+        LandscapeConfig(max_span=0.0)
+
+
+def test_weight_norm_leaves_out_biases_and_normalisation() -> None:
+    case = bn_cnn_case()
+    obj = Objective(case.model, case.loss_fn, case.batches[:1])
+    weights = [p.detach() for p in case.model.parameters() if p.dim() > 1]
+    expected = float(torch.sqrt(sum((w.double() ** 2).sum() for w in weights)))
+    assert weight_norm(obj) == pytest.approx(expected, rel=1e-6)
+    # ... which is the distance a filter-normalised random direction moves the weights at 1 unit
+    assert float(random_direction(obj, seed=0).norm()) == pytest.approx(expected, rel=1e-5)

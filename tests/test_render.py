@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -101,28 +101,28 @@ def filled_contours(fig: Figure) -> list[QuadContourSet]:
 
 def test_snapshot_figure_layout_labels_and_markers() -> None:
     fig = render.snapshot_figure(make_snapshot())
-    # random plane, Hessian plane, one shared colour bar, two 1-D cuts
-    assert len(fig.axes) == 5
+    # random plane, Hessian plane, a colour bar each (one scale per plane by default), two 1-D cuts
+    assert len(fig.axes) == 6
     random_ax, hessian_ax = fig.axes[0], fig.axes[1]
     assert "3.21" in hessian_ax.get_xlabel() and "v_max" in hessian_ax.get_xlabel()
     assert "0.42" in hessian_ax.get_ylabel() and "v_min" in hessian_ax.get_ylabel()
     assert "\N{MINUS SIGN}0.42" in hessian_ax.get_ylabel()  # the sign of lambda_min is shown
-    assert "d1 (filter)" in random_ax.get_xlabel() and "12.5" in random_ax.get_xlabel()
+    assert "d1" in random_ax.get_xlabel() and "12.5" in random_ax.get_xlabel()
     assert random_ax.get_title().startswith("random plane") and hessian_ax.get_title().startswith("Hessian plane")
     for ax in (random_ax, hessian_ax):
-        assert ax.get_aspect() == 1.0
-        assert "2 masked: 1 NaN, 1 +inf" in ax.get_title()
+        assert ax.get_box_aspect() == 1.0  # a square panel whatever the plane's extents
+        assert "2 masked" in ax.get_title()
         markers = {line.get_marker(): np.asarray(line.get_xydata()).tolist() for line in ax.lines}
         assert markers["+"] == [[0.0, 0.0]]  # the current weights
     # the saddle's lowest finite grid point is a corner at beta = +-1, alpha = 0
     star = np.asarray(next(line for line in hessian_ax.lines if line.get_marker() == "*").get_xydata())
     assert star[0, 0] == 0.0 and abs(star[0, 1]) == 1.0
-    assert "v_max" in fig.axes[3].get_title() and "3.21" in fig.axes[3].get_title()
-    assert "v_min" in fig.axes[4].get_title()
-    assert "step 10" in fig.get_suptitle() and "epoch 1" in fig.get_suptitle()
+    assert "v_max" in fig.axes[4].get_title() and "3.21" in fig.axes[4].get_title()
+    assert "v_min" in fig.axes[5].get_title()
+    assert "step 10" in fig.get_suptitle()
 
     with_val = render.snapshot_figure(make_snapshot(val=True), show_val=True)
-    assert len(with_val.axes) == 7  # two rows of planes, the colour bar, two cuts
+    assert len(with_val.axes) == 8  # two rows of planes, a colour bar per plane, two cuts
     assert "validation" in with_val.axes[2].get_title()
 
 
@@ -153,22 +153,25 @@ def test_figure_to_rgb_shape_and_dtype() -> None:
 
 def test_color_limits_span_frames_and_ignore_non_finite() -> None:
     one, two = bowl(1.0), bowl(3.0)
+    exact = (0.0, 100.0)
     finite = np.concatenate([s.losses[np.isfinite(s.losses)] for s in (one, two)])
-    low, high = render.color_limits([one, two])
+    low, high = render.color_limits([one, two], percentiles=exact)
     assert (low, high) == (finite.min(), finite.max())
     assert high == 3 * 1.5 + 1.0 and low == 1.0  # the frame with the larger range sets the top
-    assert render.color_limits([one]) != (low, high)
+    assert render.color_limits([one], percentiles=exact) != (low, high)
 
     # log scale: log10 of the loss itself over the positive finite values (non-positive ones left out)
     s = saddle(1.0)
     positive = s.losses[np.isfinite(s.losses) & (s.losses > 0)]
-    assert render.color_limits([s], log_scale=True) == pytest.approx(
+    assert render.color_limits([s], log_scale=True, percentiles=exact) == pytest.approx(
         (math.log10(positive.min()), math.log10(positive.max()))
     )
-    assert render.color_limits([one, two], log_scale=True) == pytest.approx((0.0, math.log10(5.5)))
+    assert render.color_limits([one, two], log_scale=True, percentiles=exact) == pytest.approx((0.0, math.log10(5.5)))
     # clip caps the top (in loss units on both scales) and never raises the bottom
-    assert render.color_limits([one, two], clip=2.0) == (1.0, 2.0)
-    assert render.color_limits([one, two], log_scale=True, clip=2.0) == pytest.approx((0.0, math.log10(2.0)))
+    assert render.color_limits([one, two], clip=2.0, percentiles=exact) == (1.0, 2.0)
+    assert render.color_limits([one, two], log_scale=True, clip=2.0, percentiles=exact) == pytest.approx(
+        (0.0, math.log10(2.0))
+    )
     with pytest.raises(ValueError, match="clip"):
         render.color_limits([one], clip=0.5)
     nothing = Surface(
@@ -302,3 +305,160 @@ def test_no_pyplot_anywhere() -> None:
         imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         imported += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
         assert not [name for name in imported if "pyplot" in name], module
+
+
+# --------------------------------------------------------------------------------------------
+# the colour scale chosen from the data, fixed geometry, legends for what is shown
+
+
+def plane(losses: np.ndarray, kind: str = "random", span: float = 1.0) -> Surface:
+    """A plane with the given loss grid on ``[-span, span]^2``."""
+    n = losses.shape[0]
+    a = centred_coordinates(span, n)
+    eig = (2.0, -0.5) if kind == "hessian" else None
+    mid = n // 2
+    return Surface(a, a, losses, None, kind, float(losses[mid, mid]), 1.0, 1.0, ("d1", "d2"), eigenvalues=eig)
+
+
+def decades(low: float, high: float, n: int = 11) -> np.ndarray:
+    """A bowl whose losses run log-uniformly from 10**low at the centre to 10**high at the corners."""
+    a = centred_coordinates(1.0, n)
+    r = np.hypot(*np.meshgrid(a, a)) / math.sqrt(2.0)
+    return np.asarray(10.0 ** (low + (high - low) * r), dtype=np.float64)
+
+
+def test_auto_log_scale_is_chosen_from_the_decades_the_losses_span() -> None:
+    wide, narrow = plane(decades(-2.5, 0.5)), plane(decades(0.0, 1.0), kind="hessian")
+    snap = Snapshot(step=1, epoch=0, planes={"random": wide, "hessian": narrow})
+    scales = render.choose_scales([snap])  # log_scale="auto", one scale per plane
+    assert scales.planes["random"].log and not scales.planes["hessian"].log  # 3 decades vs 1
+    assert render.AUTO_LOG_DECADES == 1.5
+    fig = render.snapshot_figure(snap)
+    norms = [type(c.norm) for c in filled_contours(fig)]
+    assert norms[0] is LogNorm and norms[1] is not LogNorm
+    # forced either way
+    assert all(p.log for p in render.choose_scales([snap], log_scale=True).planes.values())
+    assert not any(p.log for p in render.choose_scales([snap], log_scale=False).planes.values())
+    # one shared scale: one decision for both planes, from the pooled losses
+    shared = render.choose_scales([snap], shared=True).planes
+    assert shared["random"] == render.PlaneScale(shared["hessian"].low, shared["hessian"].high, True, (1.0, 1.0))
+    # a non-positive loss has no logarithm: "auto" stays linear rather than mask it
+    with_zero = decades(-2.5, 0.5)
+    with_zero[0, 0] = 0.0
+    assert not render.choose_scales([Snapshot(1, 0, {"random": plane(with_zero)})]).planes["random"].log
+    with pytest.raises(ValueError, match="log_scale"):
+        render.choose_scales([snap], log_scale="yes")  # type: ignore[arg-type]
+
+
+def test_colour_limits_are_percentiles_not_the_blown_up_corner() -> None:
+    losses = decades(0.0, 0.3, n=21)  # 1 ... 2
+    losses[0, :3] = 1e4  # a diverged corner: 3 of 441 points
+    surface = plane(losses)
+    low, high = render.color_limits([surface])
+    assert low == pytest.approx(np.percentile(losses, 1.0)) and high == pytest.approx(np.percentile(losses, 98.0))
+    assert high < 2.0 + 1e-9
+    assert render.color_limits([surface], percentiles=(0.0, 100.0))[1] == 1e4
+    # the corner is drawn in the top colour, the colour bar says so with an arrow, and no log scale is
+    # chosen just because of it
+    scale = render.choose_scales([Snapshot(1, 0, {"random": surface})]).planes["random"]
+    assert not scale.log
+    (filled,) = filled_contours(render.snapshot_figure(Snapshot(1, 0, {"random": surface})))
+    assert filled.extend in ("max", "both") and filled.norm.vmax < 3.0
+    with pytest.raises(ValueError, match="percentiles"):
+        render.color_limits([surface], percentiles=(50.0, 10.0))
+
+
+def test_one_scale_per_plane_by_default_one_shared_on_request() -> None:
+    steep, flat = plane(decades(0.0, 2.0)), plane(1.0 + 0.01 * decades(0.0, 1.0), kind="hessian")
+    snap = Snapshot(step=3, epoch=0, planes={"random": steep, "hessian": flat})
+    own = filled_contours(render.snapshot_figure(snap))
+    assert own[1].norm.vmax < 1.2  # the flat plane gets its own range instead of a single colour
+    assert len({(c.norm.vmin, c.norm.vmax) for c in own}) == 2
+    assert len([ax for ax in render.snapshot_figure(snap).axes if ax.get_label() == "<colorbar>"]) == 2
+    shared_fig = render.snapshot_figure(snap, shared_scale=True)
+    shared = filled_contours(shared_fig)
+    assert len({(c.norm.vmin, c.norm.vmax, type(c.norm)) for c in shared}) == 1
+    assert len([ax for ax in shared_fig.axes if ax.get_label() == "<colorbar>"]) == 1
+
+
+def _hessian_frame(step: int, span: float, scale: float) -> Snapshot:
+    n = 11
+    a = centred_coordinates(span, n)
+    aa, bb = np.meshgrid(a, 0.5 * a)
+    hess = Surface(
+        a, 0.5 * a, 1.0 + scale * (aa**2 - 0.3 * bb**2) + 0.2, None, "hessian", 1.2, 1.0, 1.0, ("v_max", "v_min"),
+        eigenvalues=(2.0 * scale, -0.6 * scale),
+    )  # fmt: skip
+    t = centred_coordinates(span, 21)
+    return Snapshot(step, 0, {"random": bowl(scale), "hessian": hess}, {"v_max": Line(t, 1 + t**2, None, "v", 1.0)})
+
+
+def test_animation_frames_keep_each_planes_extent_and_colour_scale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frames = [_hessian_frame(0, span=0.2, scale=1.0), _hessian_frame(10, span=1.5, scale=3.0)]
+    scales = render.choose_scales(frames)
+    assert scales.planes["hessian"].extent == (1.5, 0.75)  # the widest frame, per axis
+    assert scales.planes["random"].extent == (1.0, 1.0)
+    assert scales.line_extents == {"v_max": 1.5}
+    figs = [render.snapshot_figure(f, scales=scales, figsize=render.figure_size(f)) for f in frames]
+    for i in range(2):  # the same axes limits and the same colours in both frames, plane by plane
+        assert figs[0].axes[i].get_xlim() == figs[1].axes[i].get_xlim()
+        assert figs[0].axes[i].get_ylim() == figs[1].axes[i].get_ylim()
+        norms = [filled_contours(f)[i].norm for f in figs]
+        assert (norms[0].vmin, norms[0].vmax) == (norms[1].vmin, norms[1].vmax)
+    assert figs[0].axes[1].get_xlim() == pytest.approx((-1.5, 1.5))
+    assert figs[0].axes[4].get_xlim() == figs[1].axes[4].get_xlim()  # the 1-D cut too
+
+    # render_run chooses them once over all frames and passes the same to every frame
+    seen: list[render.Scales | None] = []
+    original = render.snapshot_figure
+
+    def spy(snapshot: Snapshot, *args: object, **kwargs: object) -> Figure:
+        seen.append(kwargs.get("scales"))  # type: ignore[arg-type]
+        return original(snapshot, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(render, "snapshot_figure", spy)
+    for frame in frames:
+        save_snapshot(tmp_path, frame)
+    render.render_run(tmp_path)
+    assert len(seen) == 2 and seen[0] is seen[1] and seen[0] is not None
+    assert seen[0].planes["hessian"].extent == (1.5, 0.75)
+    # without scales a single picture uses its own grid's extent
+    alone = render.snapshot_figure(frames[0])
+    assert alone.axes[1].get_xlim() == pytest.approx((-0.2, 0.2))
+
+
+def _legend_texts(fig: Figure) -> list[str]:
+    """The texts of the figure's legends (the planes' legend sits on a sub-figure when cuts are drawn)."""
+    sections = [fig, *fig.subfigs]
+    return [t.get_text() for part in sections for leg in part.legends for t in leg.get_texts()]
+
+
+def test_legend_lists_only_what_the_picture_shows() -> None:
+    clean = Snapshot(1, 0, {"random": plane(decades(0.0, 1.0))})
+    assert _legend_texts(render.snapshot_figure(clean)) == ["weights", "grid min"]
+    holes = _legend_texts(render.snapshot_figure(make_snapshot()))
+    assert holes == ["weights", "grid min", "masked (NaN or inf)", "no data"]
+    negative = decades(0.0, 1.0)
+    negative[0, 0] = -1.0
+    texts = _legend_texts(render.snapshot_figure(Snapshot(1, 0, {"random": plane(negative)}), log_scale=True))
+    assert "masked (NaN, inf or ≤ 0)" in texts
+
+
+def test_single_plane_image_fills_its_canvas() -> None:
+    snap = make_snapshot()
+    alone = Snapshot(snap.step, snap.epoch, {"hessian": snap.planes["hessian"]})
+    fig = render.snapshot_figure(alone)
+    width, height = fig.get_size_inches()
+    assert width < 6.0 and 0.8 < height / width < 1.3  # about one square panel, not a wide empty canvas
+    render.figure_to_rgb(fig)  # lay it out
+    box = fig.axes[0].get_position()
+    assert box.width > 0.55 and box.height > 0.5
+
+
+def test_capped_span_is_named_on_the_axis() -> None:
+    snap = make_snapshot()
+    capped = replace(snap.planes["hessian"], meta={"span_capped": [False, True]})
+    fig = render.snapshot_figure(Snapshot(1, 0, {"hessian": capped}))
+    assert "capped" in fig.axes[0].get_ylabel() and "capped" not in fig.axes[0].get_xlabel()

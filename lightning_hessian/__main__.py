@@ -1,4 +1,4 @@
-"""Command line: ``python -m lightning_hessian render RUN_DIR [--out DIR] [--log-scale] [--clip X] [--fps F]``.
+"""Command line: ``python -m lightning_hessian render RUN_DIR [--out DIR] [--log-scale | --linear] [--clip X] ...``.
 
 ``render`` re-draws saved landscape snapshots (PNG per snapshot plus ``animation.gif``, one
 colour scale across frames) without touching a model: rendering never computes.
@@ -27,6 +27,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _percentile(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"must be a percentile between 0 and 100, got {text!r}")
+    return value
+
+
 def _levels(text: str) -> int:
     value = int(text)
     if value < 2:
@@ -45,16 +52,39 @@ def build_parser() -> argparse.ArgumentParser:
         "render",
         help="re-render saved landscape snapshots to PNGs and an animated GIF",
         description=(
-            "Render every landscape snapshot (step_*.npz) of RUN_DIR to a PNG with one colour scale "
-            "across all frames, plus animation.gif. RUN_DIR is a snapshot directory or a run "
-            "directory with landscape/<prefix>/ folders (each prefix is rendered)."
+            "Render every landscape snapshot (step_*.npz) of RUN_DIR to a PNG, plus animation.gif, "
+            "with each plane's colour scale and extent fixed across all frames. RUN_DIR is a "
+            "snapshot directory or a run directory with landscape/<prefix>/ folders (each prefix "
+            "is rendered)."
         ),
     )
     render.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="snapshot directory or run directory")
     render.add_argument(
         "--out", type=Path, default=None, metavar="DIR", help="output folder (default: next to the snapshots)"
     )
-    render.add_argument("--log-scale", action="store_true", help="colour by log10(loss); losses <= 0 are masked")
+    scale = render.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--log-scale",
+        dest="log_scale",
+        action="store_const",
+        const=True,
+        default="auto",
+        help="colour by log10(loss); losses <= 0 are masked (default: log when the losses span > 1.5 decades)",
+    )
+    scale.add_argument(
+        "--linear", dest="log_scale", action="store_const", const=False, help="colour by the loss itself"
+    )
+    render.add_argument(
+        "--shared-scale", action="store_true", help="one colour scale for all planes (default: one per plane)"
+    )
+    render.add_argument(
+        "--percentiles",
+        type=_percentile,
+        nargs=2,
+        default=(1.0, 98.0),
+        metavar=("LOW", "HIGH"),
+        help="colour limits at these percentiles of the finite losses (default 1 98; 0 100: the extremes)",
+    )
     render.add_argument("--clip", type=_finite_float, default=None, metavar="X", help="cap the colour scale at loss X")
     render.add_argument(
         "--fps", type=_positive_float, default=2.0, metavar="F", help="animation frames per second (default 2)"
@@ -81,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fps=args.fps,
                 levels=args.levels,
                 show_val=args.show_val,
+                shared_scale=args.shared_scale,
+                percentiles=tuple(args.percentiles),
             )
         except NoSnapshotsError as exc:
             print(f"error: {exc}", file=sys.stderr)

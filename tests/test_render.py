@@ -462,3 +462,18 @@ def test_capped_span_is_named_on_the_axis() -> None:
     capped = replace(snap.planes["hessian"], meta={"span_capped": [False, True]})
     fig = render.snapshot_figure(Snapshot(1, 0, {"hessian": capped}))
     assert "capped" in fig.axes[0].get_ylabel() and "capped" not in fig.axes[0].get_xlabel()
+
+
+def test_cli_colour_scale_options_parse() -> None:
+    from lightning_hessian.__main__ import build_parser
+
+    parse = build_parser().parse_args
+    default = parse(["render", "run"])
+    assert default.log_scale == "auto" and not default.shared_scale and tuple(default.percentiles) == (1.0, 98.0)
+    assert parse(["render", "run", "--log-scale"]).log_scale is True
+    assert parse(["render", "run", "--linear"]).log_scale is False
+    options = parse(["render", "run", "--shared-scale", "--percentiles", "0", "100"])
+    assert options.shared_scale and tuple(options.percentiles) == (0.0, 100.0)
+    for bad in (["--log-scale", "--linear"], ["--percentiles", "5", "101"]):
+        with pytest.raises(SystemExit):
+            parse(["render", "run", *bad])

@@ -54,6 +54,14 @@ SUPPORTED = (
 )
 
 
+class GeometryUnavailableError(ValueError):
+    """The optimizer's geometry cannot be read (unsupported optimizer, no state yet, degenerate preconditioner)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
 @dataclass(frozen=True)
 class GroupGeometry:
     """One parameter group as the stability analysis sees it.
@@ -398,6 +406,20 @@ def stability_threshold(optimizer: OptimizerLike, group: int | None = None) -> f
     if isinstance(rule, str):
         raise ValueError(rule)
     return rule.threshold_constant / rule.lr if rule.lr > 0 else math.inf
+
+
+def reference_lr(objective: Objective, optimizer: OptimizerLike) -> float:
+    """Learning rate of the parameter group holding the most of ``objective``'s parameters (any optimizer type)."""
+    owners = _owners(_optimizers(optimizer))
+    sizes: dict[tuple[int, int], tuple[float, int]] = {}
+    for _, p in _selected(objective):
+        if id(p) in owners:
+            opt, gi, group = owners[id(p)]
+            lr, count = sizes.get((id(opt), gi), (_float(group["lr"]), 0))
+            sizes[(id(opt), gi)] = (lr, count + p.numel())
+    if not sizes:
+        raise ValueError("no selected parameter is held by the optimizer(s)")
+    return max(sizes.values(), key=lambda s: s[1])[0]
 
 
 @dataclass(frozen=True)

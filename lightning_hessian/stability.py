@@ -25,16 +25,13 @@ import torch
 from torch import Tensor
 
 from lightning_hessian.objective import Objective
-from lightning_hessian.optimizer_geometry import OptimizerLike, Preconditioner, read_preconditioner
+from lightning_hessian.optimizer_geometry import (
+    GeometryUnavailableError,
+    OptimizerLike,
+    Preconditioner,
+    read_preconditioner,
+)
 from lightning_hessian.spectrum import lanczos
-
-
-class GeometryUnavailableError(ValueError):
-    """The optimizer's geometry cannot be read (unsupported optimizer, no state yet, degenerate preconditioner)."""
-
-    def __init__(self, preconditioner: Preconditioner) -> None:
-        super().__init__(f"{preconditioner.status}: {preconditioner.message}")
-        self.status = preconditioner.status
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ def preconditioned_sharpness(
         raise ValueError(f"max_hvp must be an integer >= 2, got {max_hvp!r}")
     pre = optimizer if isinstance(optimizer, Preconditioner) else read_preconditioner(objective, optimizer)
     if not pre.ok:
-        raise GeometryUnavailableError(pre)
+        raise GeometryUnavailableError(pre.status, pre.message)
     start = time.perf_counter()
     ref = pre.reference
     threshold = ref.threshold

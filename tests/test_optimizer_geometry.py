@@ -19,8 +19,13 @@ from torch import Tensor, nn
 
 from helpers import Case, dense_hessian, tanh_mlp_case
 from lightning_hessian import Objective
-from lightning_hessian.optimizer_geometry import next_update, read_preconditioner, stability_threshold
-from lightning_hessian.stability import GeometryUnavailableError, preconditioned_sharpness
+from lightning_hessian.optimizer_geometry import (
+    GeometryUnavailableError,
+    next_update,
+    read_preconditioner,
+    stability_threshold,
+)
+from lightning_hessian.stability import preconditioned_sharpness
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 MakeFromParams = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -398,7 +403,7 @@ def test_next_update_matches_a_real_step(name: str, steps: int) -> None:
 
     model2 = copy.deepcopy(case.model)
     opt2 = UPDATES[name](model2)
-    opt2.load_state_dict(opt.state_dict())
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict shares tensors
     theta = objective.parameters()
     for p, gp in zip(model2.parameters(), objective.split(g)):
         p.grad = gp.clone()

@@ -11,16 +11,28 @@ from typing import IO, Any
 
 import numpy as np
 
+TEMP_SUFFIX = ".lh-tmp"
+
+
+def _file_mode() -> int:
+    """What ``open(path, "w")`` would give a new file: 0o666 less the process umask (usually 0o644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write`` on a temporary file next to ``path``, then ``os.replace`` it into place.
 
-    A crash or an error never leaves a half-written file behind; the temporary file is removed.
+    A crash or an error never leaves a half-written file behind; the temporary file is removed
+    (and one left by a killed process is removed by :func:`remove_leftover_temporaries`). The
+    file gets the permissions the loggers' own files get (``mkstemp`` alone would give 0o600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}", suffix=TEMP_SUFFIX)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.replace(tmp, path)
@@ -28,6 +40,16 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_leftover_temporaries(directory: Path) -> list[Path]:
+    """Delete temporary files that :func:`atomic_write` left in ``directory`` when its process was killed."""
+    removed = []
+    if directory.is_dir():
+        for tmp in directory.glob(f".*{TEMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def json_safe(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -38,7 +39,7 @@ def load_probe_dataloader(loader: Iterable[Any], trainer: Any, pl_module: Any) -
         lambda b, idx: pl_module.on_before_batch_transfer(b, idx)
     )
     out = []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), preserved_generators(loader):
         for i, batch in enumerate(loader):
             if i % world != rank:
                 continue
@@ -53,6 +54,32 @@ def load_probe_dataloader(loader: Iterable[Any], trainer: Any, pl_module: Any) -
     return out
 
 
+def _loader_generators(loader: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a DataLoader draws from: its own, its sampler's, its batch sampler's."""
+    found: list[torch.Generator] = []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for owner in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
+@contextlib.contextmanager
+def preserved_generators(loader: Any) -> Iterator[None]:
+    """Restore the loader's own generators after iterating it.
+
+    A user may pass the training DataLoader itself as the probe loader; iterating it draws from
+    its ``generator=`` (base seed, shuffle order), which would change the training shuffle.
+    """
+    saved = [(g, g.get_state()) for g in _loader_generators(loader)]
+    try:
+        yield
+    finally:
+        for gen, state in saved:
+            gen.set_state(state)
+
+
 def call_hessian_loss(module: nn.Module, batch: Any) -> Tensor:
     """Probe loss from the module's own ``hessian_loss(batch)`` method."""
     return module.hessian_loss(batch)  # type: ignore[operator,no-any-return]
@@ -64,7 +91,7 @@ def call_training_step(module: nn.Module, batch: Any) -> Tensor:
     Only valid under automatic optimization (under manual optimization training_step steps the
     optimizer). Silencing keeps the user's logged metrics exactly as in a run without the probe.
     """
-    with silenced_logging(module):
+    with silenced_logging(module), preserved_metric_states(module):
         out = module.training_step(batch, 0)  # type: ignore[operator]
     if isinstance(out, Mapping):
         out = out.get("loss")
@@ -94,6 +121,43 @@ def silenced_logging(module: Any) -> Iterator[None]:
                 module.__dict__[name] = saved[name]
             else:
                 module.__dict__.pop(name, None)
+
+
+def _is_stateful_metric(obj: Any) -> bool:
+    """A torchmetrics-style metric: accumulates state in ``update`` (recognised by its interface)."""
+    return all(callable(getattr(obj, name, None)) for name in ("update", "compute", "reset")) and isinstance(
+        getattr(obj, "_defaults", None), dict
+    )
+
+
+@contextlib.contextmanager
+def preserved_metric_states(module: nn.Module) -> Iterator[None]:
+    """Restore every stateful metric module (``self.acc = torchmetrics.Accuracy(...)``) after the block.
+
+    The training-step fallback calls the user's ``training_step``, which typically updates such
+    metrics (``self.acc(logits, y)``); without this the probe would change the values they log.
+    """
+    saved = []
+    for sub in module.modules():
+        if sub is not module and _is_stateful_metric(sub):
+            state = {k: copy.deepcopy(v) for k, v in sub.__dict__.items() if _is_data(v)}
+            saved.append((sub, state))
+    try:
+        yield
+    finally:
+        for sub, state in saved:
+            sub.__dict__.update(state)
+
+
+def _is_data(value: Any) -> bool:
+    """Tensors, numbers, strings and containers of them: a metric's state and counters, never its hooks."""
+    if isinstance(value, (Tensor, bool, int, float, str, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_data(v) for v in value.values())
+    return False
 
 
 def resolve_loss_fn(loss_fn: Callable[[Any, Any], Tensor] | None, pl_module: Any) -> Callable[[nn.Module, Any], Tensor]:

@@ -13,6 +13,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from lightning_hessian import _validate
 from lightning_hessian.indicators import saddle_visibility
 from lightning_hessian.objective import Objective
 from lightning_hessian.spectrum import EigenResult, extremal_eigenpairs
@@ -49,23 +50,25 @@ class MeasureConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.quantities is None or isinstance(self.quantities, str):
+            raise ValueError(f"quantities must be a non-empty list of names from {QUANTITIES}, got {self.quantities!r}")
         unknown = set(self.quantities) - set(QUANTITIES)
         if unknown or not self.quantities:
             raise ValueError(f"quantities must be a non-empty subset of {QUANTITIES}, got {self.quantities!r}")
         if "lambda_min" in self.quantities and "eigenvalues" not in self.quantities:
             raise ValueError("'lambda_min' needs 'eigenvalues' in quantities (both ends come from one Lanczos run)")
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be a positive integer, got {self.k!r}")
-        if not self.tol > 0:
-            raise ValueError(f"tol must be positive, got {self.tol!r}")
-        if not isinstance(self.max_hvp, int) or self.max_hvp < self.k + 1:
-            raise ValueError(f"max_hvp must be an integer of at least k + 1, got {self.max_hvp!r}")
-        if self.trace_method not in ("hutch++", "hutchinson"):
-            raise ValueError(f"trace_method must be 'hutch++' or 'hutchinson', got {self.trace_method!r}")
-        if not isinstance(self.trace_hvp, int) or self.trace_hvp < 3:
-            raise ValueError(f"trace_hvp must be an integer >= 3, got {self.trace_hvp!r}")
-        if not isinstance(self.slope_directions, int) or self.slope_directions < 2:
-            raise ValueError(f"slope_directions must be an integer >= 2, got {self.slope_directions!r}")
+        _validate.positive_int("k", self.k)
+        _validate.positive_float("tol", self.tol, below=1.0)
+        _validate.positive_int("max_hvp", self.max_hvp)
+        if self.max_hvp < self.k + 1:
+            raise ValueError(
+                f"max_hvp={self.max_hvp} cannot find k={self.k} eigenvalues: Lanczos needs at least k + 1 = "
+                f"{self.k + 1} products; lower k or raise max_hvp"
+            )
+        _validate.choice("trace_method", self.trace_method, ("hutch++", "hutchinson"))
+        _validate.positive_int("trace_hvp", self.trace_hvp, minimum=3)
+        _validate.positive_int("slope_directions", self.slope_directions, minimum=2)
+        _validate.seed(self.seed)
 
 
 @dataclass(frozen=True)

@@ -8,21 +8,35 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from lightning_hessian._files import json_safe
+from lightning_hessian._files import atomic_write, json_safe
+
+
+class LoggerError(RuntimeError):
+    """One or more loggers raised; the others (and the run's data files) still got the values."""
 
 
 def log_scalars(loggers: Iterable[Any], metrics: dict[str, float], step: int) -> None:
-    """Send finite and non-finite scalars alike to every logger at ``step`` (``trainer.global_step``)."""
+    """Send finite and non-finite scalars alike to every logger at ``step`` (``trainer.global_step``).
+
+    A logger that raises does not keep the others from their values; the failures are raised
+    together afterwards as one :class:`LoggerError`.
+    """
     clean = {k: float(v) for k, v in metrics.items()}
+    failures = []
     for logger in loggers:
-        logger.log_metrics(clean, step=step)
+        try:
+            logger.log_metrics(clean, step=step)
+        except Exception as err:
+            failures.append(f"{type(logger).__name__}: {type(err).__name__}: {err}")
+    if failures:
+        raise LoggerError("; ".join(failures))
 
 
 def is_tensorboard(logger: Any) -> bool:
@@ -56,12 +70,29 @@ def write_tensorboard_layout(loggers: Iterable[Any], prefixes: Sequence[str]) ->
 
 
 def run_directory(loggers: Sequence[Any], default_root_dir: str) -> Path:
-    """The first logger's ``log_dir`` (where TensorBoard/CSV write), else the trainer's root dir."""
-    for logger in loggers:
+    """This run's own directory, where its data files go.
+
+    The first logger's ``log_dir`` (TensorBoard, CSV); for a logger without one (W&B),
+    ``save_dir/name/version`` as Lightning's ``ModelCheckpoint`` resolves it, so two W&B runs never
+    share files; with no logger, ``trainer.default_root_dir``.
+    """
+    if loggers:
+        logger = loggers[0]
         log_dir = getattr(logger, "log_dir", None)
         if isinstance(log_dir, str) and log_dir:
             return Path(log_dir)
+        save_dir = getattr(logger, "save_dir", None) or default_root_dir
+        version = getattr(logger, "version", None)
+        if version is not None:
+            version = version if isinstance(version, str) else f"version_{version}"
+            return Path(save_dir) / str(getattr(logger, "name", None) or "lightning_logs") / version
     return Path(default_root_dir)
+
+
+def run_id(loggers: Sequence[Any]) -> str | None:
+    """The first logger's run id (W&B) or version (TensorBoard, CSV), as a string; ``None`` without loggers."""
+    version = getattr(loggers[0], "version", None) if loggers else None
+    return None if version is None else str(version)
 
 
 def append_jsonl(path: Path, entry: dict[str, Any]) -> None:
@@ -71,6 +102,30 @@ def append_jsonl(path: Path, entry: dict[str, Any]) -> None:
     with open(path, "a") as fh:
         fh.write(line)
         fh.flush()
+
+
+def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> int:
+    """Rewrite ``path`` (atomically) with only the records ``keep`` accepts; returns how many were dropped.
+
+    After a crash and a resume into the same directory, records written after the checkpoint
+    would otherwise appear twice. A line that does not parse (cut off by the crash) is dropped.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and keep(record):
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write(path, lambda fh: fh.write("".join(kept).encode()))
+    return dropped
 
 
 def is_wandb(logger: Any) -> bool:

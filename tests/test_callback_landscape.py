@@ -141,12 +141,12 @@ def test_resume_continues_the_frame_sequence(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"landscape_every_n_steps": 0}, "landscape_every_n_steps must be a positive integer"),
+        ({"landscape_every_n_steps": 0}, "landscape_every_n_steps must be an integer >= 1"),
         ({"landscape_resolution": 20}, "resolution must be an odd integer"),
-        ({"landscape_planes": ["random", "pca"]}, "planes must be a non-empty subset"),
-        ({"landscape_planes": "hessian"}, "landscape_planes must be a list"),
-        ({"landscape_span": -1.0}, "span must be a positive number"),
-        ({"landscape_animation": "mp4"}, "landscape_animation must be 'end', 'always' or 'never'"),
+        ({"landscape_planes": ["random", "pca"]}, "landscape_planes has unknown entries"),
+        ({"landscape_planes": "hessian"}, "landscape_planes must be a non-empty list"),
+        ({"landscape_span": -1.0}, "landscape_span must be a finite positive number"),
+        ({"landscape_animation": "mp4"}, "landscape_animation must be one of 'end', 'always', 'never'"),
     ],
 )
 def test_bad_landscape_arguments_fail_at_construction(kwargs: dict[str, Any], message: str) -> None:

@@ -299,6 +299,21 @@ def test_grad_holds_the_gradient_of_the_starting_point_after_a_step() -> None:
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize(("norm", "expected"), [("rms", lambda g: (0.2 * g * g).sqrt()), ("adam", lambda g: g.abs())])
+def test_metric_is_the_square_root_of_the_second_moment_plus_eps(
+    norm: str, expected: Callable[[Tensor], Tensor]
+) -> None:
+    # After one gradient: RMS (beta 0.8) has v = 0.2 g^2; Adam's bias correction gives v = g^2.
+    net, loss_fn = mlp_problem()
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(), list(net.parameters()))])
+    opt = TrustRegion(net.parameters(), norm, radius=1e-3)
+    opt.step(closure_for(opt, loss_fn))
+    metric = opt.metric()
+    assert metric is not None
+    torch.testing.assert_close(metric, expected(grad) + 1e-8, rtol=1e-10, atol=1e-14)
+    assert TrustRegion([torch.zeros(2, requires_grad=True)], "uniform").metric() is None
+
+
 def run_steps(opt: TrustRegion, loss_fn: Callable[[], Tensor], n: int) -> list[Any]:
     out = []
     for _ in range(n):

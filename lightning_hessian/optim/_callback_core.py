@@ -9,6 +9,7 @@ from typing import Any
 from lightning_hessian.optim.trust_region import TrustRegion, TrustRegionStats
 
 DEFAULT_KEYS: tuple[str, ...] = (
+    "loss",
     "rho",
     "radius",
     "cg_iterations",
@@ -18,8 +19,10 @@ DEFAULT_KEYS: tuple[str, ...] = (
     "n_hvp",
     "total_backprops",
 )
-"""Logged by default: the acceptance ratio, the radius the step used, CG iterations, whether the step hit the
-boundary or met negative curvature, whether it was accepted, its HVPs, and backprop-equivalents so far."""
+"""Logged by default: the mini-batch loss at the step's starting point (values logged inside
+``training_step`` mix it with the trial point's, since the closure runs twice), the acceptance ratio,
+the radius the step used, CG iterations, whether the step hit the boundary or met negative curvature,
+whether it was accepted, its HVPs, and backprop-equivalents so far."""
 
 _ALLOWED = frozenset(TrustRegionStats.__dataclass_fields__) - {"status"} | {"accepted"}
 

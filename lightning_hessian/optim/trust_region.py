@@ -268,6 +268,26 @@ class TrustRegion(torch.optim.Optimizer):
             + g["n_loss"] * BACKPROP_COST["loss"]
         )
 
+    def metric(self) -> Tensor | None:
+        """The diagonal M of the norm the last step measured in, flat in parameter order (``None``: the sphere).
+
+        This is the preconditioner an optimizer-geometry analysis needs: the curvature this optimizer
+        meets is that of M^{-1/2} H M^{-1/2}. Before the first step it is ``eps`` everywhere.
+        """
+        group = self.param_groups[0]
+        if group["norm"] == "uniform":
+            return None
+        params = [p for p in group["params"] if p.requires_grad]
+        t = max(int(self._global()["step"]), 1)
+        diags = []
+        for p in params:
+            moment = self.state[p].get("second_moment") if p in self.state else None
+            moment = torch.zeros_like(p) if moment is None else moment
+            diag = metric_diagonal(moment, group["norm"], group["beta"], group["eps"], t)
+            assert diag is not None
+            diags.append(diag)
+        return flatten(diags)
+
     def _global(self) -> dict[str, Any]:
         return self.state[_STATE_KEY]  # type: ignore[index, no-any-return]
 

@@ -19,11 +19,12 @@ How the colour scale is chosen (:func:`choose_scales`):
   finite loss is positive; ``True``/``False`` force it. The loss itself is logged, never shifted,
   and losses ``<= 0`` are masked and counted;
 * for an animation (:func:`render_run`) the limits, the log choice and each plane's extent are
-  computed once over all frames, so nothing jumps between frames.
+  computed once over all frames, so nothing jumps between frames (a frame far wider than the
+  others, such as one at initialisation, is cropped rather than shrinking the others to a dot).
 
 Honesty rules of the pictures: non-finite losses are masked, never interpolated (grey cells,
 ``x`` marks, counted in the title); colour bands only ever widen the range to the next round
-value; the current weights sit at ``(0, 0)`` (white ``+``), the lowest grid point is a red star;
+value; the current weights sit at ``(0, 0)`` (white plus), the lowest grid point is a red star;
 the legend lists only what the picture shows.
 """
 
@@ -37,7 +38,6 @@ from pathlib import Path
 from typing import Any, Literal, cast, overload
 
 import numpy as np
-from matplotlib import patheffects
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
@@ -55,6 +55,7 @@ from lightning_hessian.snapshots import Snapshot, list_snapshots, load_snapshot
 
 __all__ = [
     "AUTO_LOG_DECADES",
+    "EXTENT_SPREAD",
     "PERCENTILES",
     "LogScale",
     "NoSnapshotsError",
@@ -84,14 +85,16 @@ AUTO_LOG_DECADES = 1.5
 """``log_scale="auto"`` draws ``log10(loss)`` when the colour limits span more decades than this."""
 PERCENTILES = (1.0, 98.0)
 """Default colour limits: these percentiles of the finite losses (robust to a blown-up corner)."""
+EXTENT_SPREAD = 2.0
+"""Frames more than this many times wider than an animation's median frame are cropped to the others' extent."""
 
 _PLANE_ORDER = ("random", "hessian")
 _ALPHA, _BETA = "\N{GREEK SMALL LETTER ALPHA}", "\N{GREEK SMALL LETTER BETA}"
 _PLANE_TITLES = {"random": "random plane", "hessian": "Hessian plane", "custom": "custom plane"}
 
 # Sizes for TensorBoard's image card (shown about 450 px wide): big type, few words.
-_FS_SUPTITLE, _FS_TITLE, _FS_LABEL, _FS_TICK, _FS_LEGEND = 16.0, 14.5, 13.0, 11.5, 12.5
-_PANEL, _LINE_H = 3.3, 2.9
+_FS_SUPTITLE, _FS_TITLE, _FS_LABEL, _FS_TICK, _FS_LEGEND = 17.0, 15.5, 14.0, 13.0, 14.0
+_PANEL, _LINE_H = 2.7, 2.9
 """Side of a square plane panel and height of the 1-D cuts' row (inches at 100 dpi)."""
 
 
@@ -228,23 +231,65 @@ def color_limits(
     return scale.low, scale.high
 
 
+def _robust_half_width(widths: Sequence[float]) -> float:
+    """A half-width for all frames: the widest frame's, leaving out frames more than
+    :data:`EXTENT_SPREAD` times wider than the median one (a frame at initialisation can be 25
+    times wider than the rest: it is cropped instead of shrinking every other frame to a dot)."""
+    median = float(np.median(widths))
+    return float(max(w for w in widths if w <= EXTENT_SPREAD * median))
+
+
 def _extent(surfaces: Sequence[Surface]) -> tuple[float, float]:
-    """The largest half-widths ``(alpha, beta)`` among the frames of one plane."""
+    """The fixed half-widths ``(alpha, beta)`` of one plane over the frames of an animation."""
     return (
-        max(float(np.max(np.abs(s.alphas))) for s in surfaces),
-        max(float(np.max(np.abs(s.betas))) for s in surfaces),
+        _robust_half_width([float(np.max(np.abs(s.alphas))) for s in surfaces]),
+        _robust_half_width([float(np.max(np.abs(s.betas))) for s in surfaces]),
     )
 
 
-def _line_scale(lines: Sequence[Line], log_scale: LogScale) -> tuple[tuple[float, float] | None, bool]:
-    """The y-range (loss units, exact extremes) and log choice of many 1-D cuts."""
-    values = _finite(v for line in lines for v in (line.losses, line.val_losses) if v is not None)
+def _fits(widths: Sequence[float], extent: Sequence[float]) -> bool:
+    return all(w <= e * (1.0 + 1e-9) for w, e in zip(widths, extent))
+
+
+def _shown_values(surfaces: Sequence[Surface], extent: tuple[float, float], include_val: bool) -> list[np.ndarray]:
+    """What the colour scale must fit: the frames drawn whole (cropped outlier frames are drawn on their scale)."""
+    whole = [s for s in surfaces if _fits((float(np.max(np.abs(s.alphas))), float(np.max(np.abs(s.betas)))), extent)]
+    return [g for s in whole or surfaces for g in _plane_values(s, include_val)]
+
+
+def _line_scale(lines: Sequence[Line], extent: float, log_scale: LogScale) -> tuple[tuple[float, float] | None, bool]:
+    """The y-range (loss units, exact extremes) and log choice of 1-D cuts, from the cuts drawn whole."""
+    whole = [line for line in lines if _fits([float(np.max(np.abs(line.ts)))], [extent])] or lines
+    values = _finite(v for line in whole for v in (line.losses, line.val_losses) if v is not None)
     if log_scale is True:
         values = values[values > 0]
     if values.size == 0:
         return None, log_scale is True
     low, high = float(values.min()), float(values.max())
     return (low, high), log_scale if isinstance(log_scale, bool) else _wants_log(low, high, low)
+
+
+def _cut_scales(
+    snapshots: Sequence[Snapshot], mode: LogScale, clip: float | None
+) -> tuple[tuple[float, float] | None, bool, dict[str, float]]:
+    """The 1-D cuts' common y-range and log choice, and each cut's fixed t half-width."""
+    cuts: dict[str, list[Line]] = {}
+    for snap in snapshots:
+        for name, line in snap.lines.items():
+            cuts.setdefault(name, []).append(line)
+    extents = {name: _robust_half_width([float(np.max(np.abs(x.ts))) for x in group]) for name, group in cuts.items()}
+    low, high, logs = math.inf, -math.inf, []
+    for name, group in cuts.items():
+        limits, log = _line_scale(group, extents[name], mode)
+        if limits is not None:
+            low, high = min(low, limits[0]), max(high, limits[1])
+            logs.append(log)
+    if not math.isfinite(low):
+        return None, mode is True, extents
+    if clip is not None:  # the cuts' axes stop where the colour scale does
+        high = max(min(high, clip), low)
+    line_log = mode if isinstance(mode, bool) else all(logs) and _wants_log(low, high, low)
+    return (low, high), line_log, extents
 
 
 def choose_scales(
@@ -257,6 +302,10 @@ def choose_scales(
     include_val: bool = False,
 ) -> Scales:
     """The colour scales, extents and 1-D-cut axes of one or many frames (one animation).
+
+    Each plane's extent is the widest frame's, leaving out frames more than :data:`EXTENT_SPREAD`
+    times wider than the median frame: those are drawn cropped, on the scales the other frames
+    set (their overflow shows as the end colours).
 
     Args:
         snapshots: the frames (one for a single picture).
@@ -274,25 +323,18 @@ def choose_scales(
     for snap in snapshots:
         for name, surface in _ordered_planes(snap):
             by_name.setdefault(name, []).append(surface)
-    planes: dict[str, PlaneScale] = {}
+    extents = {name: _extent(surfaces) for name, surfaces in by_name.items()}
+    shown = {name: _shown_values(surfaces, extents[name], include_val) for name, surfaces in by_name.items()}
     if shared:
-        pooled = [g for surfaces in by_name.values() for s in surfaces for g in _plane_values(s, include_val)]
-        common = _plane_scale(pooled, mode, clip, pcts) or _GREY
-        planes = {name: replace(common, extent=_extent(surfaces)) for name, surfaces in by_name.items()}
+        common = _plane_scale([g for grids in shown.values() for g in grids], mode, clip, pcts) or _GREY
+        planes = {name: replace(common, extent=extents[name]) for name in by_name}
     else:
-        for name, surfaces in by_name.items():
-            grids = [g for s in surfaces for g in _plane_values(s, include_val)]
-            own = _plane_scale(grids, mode, clip, pcts) or _GREY
-            planes[name] = replace(own, extent=_extent(surfaces))
-    cuts: dict[str, list[Line]] = {}
-    for snap in snapshots:
-        for name, line in snap.lines.items():
-            cuts.setdefault(name, []).append(line)
-    line_limits, line_log = _line_scale([line for group in cuts.values() for line in group], mode)
-    if line_limits is not None and clip is not None:  # the cuts' axes stop where the colour scale does
-        line_limits = (line_limits[0], max(min(line_limits[1], clip), line_limits[0]))
-    extents = {name: max(float(np.max(np.abs(line.ts))) for line in group) for name, group in cuts.items()}
-    return Scales(planes, shared, line_limits, line_log, extents)
+        planes = {
+            name: replace(_plane_scale(shown[name], mode, clip, pcts) or _GREY, extent=extents[name])
+            for name in by_name
+        }
+    line_limits, line_log, line_extents = _cut_scales(snapshots, mode, clip)
+    return Scales(planes, shared, line_limits, line_log, line_extents)
 
 
 def _legacy_scales(scales: Scales, limits: tuple[float, float], log_scale: LogScale) -> Scales:
@@ -453,9 +495,6 @@ def _ordered_planes(snapshot: Snapshot) -> list[tuple[str, Surface]]:
     return [(n, snapshot.planes[n]) for n in names]
 
 
-_OUTLINE = [patheffects.withStroke(linewidth=3.0, foreground="black")]
-
-
 @dataclass
 class _Shown:
     """What the pictures of one figure actually contain (so that the legend lists only that)."""
@@ -486,15 +525,19 @@ def _draw_plane(
     if shown.masked:
         bi, aj = np.nonzero(~ok)
         ax.scatter(alphas[aj], betas[bi], marker="x", s=30, c="black", linewidths=1.4, zorder=4)
-    ax.plot([0.0], [0.0], marker="+", ms=16, mew=2.4, color="white", path_effects=_OUTLINE, zorder=5, clip_on=False)
+    ax.plot([0.0], [0.0], marker="P", ms=13, color="white", mec="black", mew=1.2, zorder=5, clip_on=False)
+    ex, ey = plane.extent if plane.extent is not None else (abs(x0), abs(y0))
+    cropped = abs(x0) > ex * (1 + 1e-9) or abs(y0) > ey * (1 + 1e-9)
     gm = grid_minimum(surface, values=np.where(ok, values, np.nan))
     subtitle = []
     if math.isfinite(gm.loss):
         shown.minimum = True
-        ax.plot([gm.alpha], [gm.beta], marker="*", ms=16, color="red", mec="white", mew=1.0, zorder=6, clip_on=False)
+        ax.plot([gm.alpha], [gm.beta], marker="*", ms=16, color="red", mec="white", mew=1.0, zorder=6, clip_on=cropped)
         subtitle.append(f"min {_fmt(gm.loss)}")
     if shown.masked:
         subtitle.append(f"{int((~ok).sum())} masked")
+    if cropped:
+        subtitle.append("cropped")
     ax.set_title(title + "\n" + (" · ".join(subtitle) or " "), fontsize=_FS_TITLE)
     xlabel, ylabel = _axis_labels(surface)
     ax.set_xlabel(xlabel, fontsize=_FS_LABEL)
@@ -504,9 +547,8 @@ def _draw_plane(
     ax.yaxis.set_major_locator(MaxNLocator(nbins=4, symmetric=True))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _fmt(x)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _fmt(x)))
-    ex, ey = plane.extent if plane.extent is not None else (abs(x0), abs(y0))
-    ax.set_xlim(-max(ex, abs(x0)), max(ex, abs(x0)))
-    ax.set_ylim(-max(ey, abs(y0)), max(ey, abs(y0)))
+    ax.set_xlim(-ex, ex)
+    ax.set_ylim(-ey, ey)
     ax.set_box_aspect(1.0)  # square panels: each plane readable whatever its extents (the labels carry the scale)
     return filled, shown
 
@@ -559,6 +601,8 @@ def _draw_line(ax: Axes, name: str, line: Line, snapshot: Snapshot, scales: Scal
     half = scales.line_extents.get(name, float(np.max(np.abs(ts))))
     ax.set_xlim(-half, half)
     title = _line_title(name, line, snapshot) + (f" · {n_bad} masked" if n_bad else "")
+    if not _fits([float(np.max(np.abs(ts)))], [half]):
+        title += " · cropped"
     ax.set_title(title, fontsize=_FS_TITLE)
     unit = math.isfinite(line.d_norm) and math.isclose(line.d_norm, 1.0, rel_tol=1e-6)
     ax.set_xlabel("t" if unit or not math.isfinite(line.d_norm) else f"t (‖d‖={_fmt(line.d_norm)})", fontsize=_FS_LABEL)
@@ -607,7 +651,7 @@ def _center_loss(snapshot: Snapshot) -> tuple[float, float | None]:
 def _legend(section: FigureBase, shown: _Shown, width: float) -> None:
     """Legend entries for what the planes show, and nothing else."""
     entries: list[tuple[Any, str]] = [
-        (Line2D([], [], ls="none", marker="+", ms=13, mew=2.4, color="white", path_effects=_OUTLINE), "weights")
+        (Line2D([], [], ls="none", marker="P", ms=12, color="white", mec="black", mew=1.2), "weights")
     ]
     if shown.minimum:
         entries.append((Line2D([], [], ls="none", marker="*", ms=14, color="red", mec="white", mew=0.8), "grid min"))
@@ -624,7 +668,7 @@ def _legend(section: FigureBase, shown: _Shown, width: float) -> None:
 
 def _colorbar(section: FigureBase, filled: QuadContourSet, axes: list[Axes], scale: _Scale) -> None:
     cbar = section.colorbar(filled, ax=axes, shrink=0.85, pad=0.03, aspect=18)
-    cbar.set_label("loss (log scale)" if scale.log else "loss", fontsize=_FS_LABEL)
+    cbar.set_label("loss (log)" if scale.log else "loss", fontsize=_FS_LABEL)
     cbar.ax.tick_params(labelsize=_FS_TICK)
     cbar.set_ticks(list(scale.ticks()))
     cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _fmt(x)))

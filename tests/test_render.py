@@ -113,7 +113,7 @@ def test_snapshot_figure_layout_labels_and_markers() -> None:
         assert ax.get_box_aspect() == 1.0  # a square panel whatever the plane's extents
         assert "2 masked" in ax.get_title()
         markers = {line.get_marker(): np.asarray(line.get_xydata()).tolist() for line in ax.lines}
-        assert markers["+"] == [[0.0, 0.0]]  # the current weights
+        assert markers["P"] == [[0.0, 0.0]]  # the current weights
     # the saddle's lowest finite grid point is a corner at beta = +-1, alpha = 0
     star = np.asarray(next(line for line in hessian_ax.lines if line.get_marker() == "*").get_xydata())
     assert star[0, 0] == 0.0 and abs(star[0, 1]) == 1.0
@@ -477,3 +477,20 @@ def test_cli_colour_scale_options_parse() -> None:
     for bad in (["--log-scale", "--linear"], ["--percentiles", "5", "101"]):
         with pytest.raises(SystemExit):
             parse(["render", "run", *bad])
+
+
+def test_a_frame_far_wider_than_the_others_is_cropped_not_the_others_shrunk() -> None:
+    """A frame at initialisation can have a Hessian plane 25 times wider than later ones."""
+    frames = [_hessian_frame(0, span=2.5, scale=30.0)] + [_hessian_frame(s, span=0.1, scale=1.0) for s in (1, 2, 3)]
+    frames[2] = _hessian_frame(2, span=0.12, scale=1.0)
+    scales = render.choose_scales(frames)
+    assert scales.planes["hessian"].extent == pytest.approx((0.12, 0.06))  # the widest of the others
+    assert render.EXTENT_SPREAD == 2.0
+    assert scales.line_extents["v_max"] == pytest.approx(0.12)
+    # the outlier's losses (up to 30 x 2.5^2) do not set the colour scale or the cuts' axes
+    assert scales.planes["hessian"].high < 1.3 and scales.line_limits is not None and scales.line_limits[1] < 1.1
+    outlier = render.snapshot_figure(frames[0], scales=scales)
+    assert "cropped" in outlier.axes[1].get_title() and "cropped" in outlier.axes[4].get_title()
+    assert outlier.axes[1].get_xlim() == pytest.approx((-0.12, 0.12))
+    regular = render.snapshot_figure(frames[1], scales=scales)
+    assert "cropped" not in regular.axes[1].get_title() and "cropped" not in regular.axes[4].get_title()

@@ -352,10 +352,10 @@ def _final_size(make: MakeFromParams, curvature: float, steps: int) -> float:
     ],
 )
 def test_threshold_is_where_real_sgd_turns_unstable(make: MakeFromParams) -> None:
-    """On L = lambda x^2 / 2, torch's own SGD converges 2 % below the threshold and diverges 2 % above."""
+    """On L = lambda x^2 / 2, torch's own SGD converges 5 % below the threshold and diverges 5 % above."""
     threshold = stability_threshold(make([nn.Parameter(torch.zeros(1))]))
-    assert _final_size(make, 0.98 * threshold, 3000) < 1e-3
-    assert _final_size(make, 1.02 * threshold, 3000) > 1e3
+    assert _final_size(make, 0.95 * threshold, 1200) < 1e-3
+    assert _final_size(make, 1.05 * threshold, 1200) > 1e3
 
 
 @pytest.mark.parametrize("beta1", [0.0, 0.5, 0.9, 0.99])

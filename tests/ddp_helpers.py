@@ -67,3 +67,20 @@ class DestroyProcessGroupAtTeardown(pl.Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def rank_one_fails_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    """The probe loss, failing on rank 1 only: out of memory at step 0, a NaN at step 2, fine from step 4.
+
+    Rank 0 computes normally all along, so it would wait in the next all-reduce for a rank 1 that
+    has left the measurement, unless the failure is agreed on.
+    """
+    x, y = batch
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    step = module.trainer.global_step
+    if rank == 1 and step == 0:
+        raise torch.OutOfMemoryError("injected: rank 1 ran out of memory")
+    loss = torch.nn.functional.cross_entropy(module(x), y)
+    if rank == 1 and step == 2:
+        return loss * float("nan")
+    return loss

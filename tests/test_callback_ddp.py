@@ -27,7 +27,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor
 
-from ddp_helpers import DestroyProcessGroupAtTeardown, RankRecordingLogger, ddp_train_loader
+from ddp_helpers import DestroyProcessGroupAtTeardown, RankRecordingLogger, ddp_train_loader, rank_one_fails_loss
 from lightning_hessian import HessianMonitor
 from lightning_models import TanhModule, dense_spectrum_at, probe_loader, probe_loss, train_loader, trainer_kwargs
 
@@ -178,3 +178,94 @@ def test_ddp_final_measurement_matches_single_process_on_final_weights(ddp_run: 
     dense_max, _ = dense_spectrum_at(model, probe_loader())
     assert _rel(ddp["lambda_max"], dense_max) < 1e-4, (ddp["lambda_max"], dense_max)
     assert math.isfinite(ddp["trace"])
+
+
+# ----------------------------------------------------------------------------- failures on one rank, resume
+
+
+def _ddp_trainer(tmp: Path, callbacks: list[Any], max_steps: int, **overrides: Any) -> pl.Trainer:
+    """2-process ddp_spawn with a short collective timeout: a stranded rank fails the test in seconds, not 30 min."""
+    from datetime import timedelta
+
+    from pytorch_lightning.strategies import DDPStrategy
+
+    kwargs = trainer_kwargs(
+        tmp,
+        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+        accelerator="cpu",
+        devices=2,
+        max_steps=max_steps,
+        max_epochs=-1,
+        callbacks=[*callbacks, DestroyProcessGroupAtTeardown()],
+        **overrides,
+    )
+    return pl.Trainer(**kwargs)
+
+
+def _spawned(fn: Any) -> Any:
+    saved_env = dict(os.environ)
+    try:
+        return fn()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def test_a_failure_on_one_rank_is_a_skip_on_every_rank(tmp_path: Path) -> None:
+    pl.seed_everything(1234)
+    csv_logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    monitor = _monitor(loss_fn=rank_one_fails_loss, quantities=("eigenvalues",), at_fit_end=False)
+    trainer = _ddp_trainer(tmp_path, [monitor], max_steps=4, logger=[csv_logger])
+    _spawned(lambda: trainer.fit(TanhModule(), ddp_train_loader()))  # returns: no rank was left waiting
+    log_dir = Path(csv_logger.log_dir)
+    with open(log_dir / "metrics.csv") as fh:
+        by_step = _csv_by_step(list(csv.DictReader(fh)), "hessian/lambda_max")
+    # Step 0 (rank 1 out of memory) and step 2 (a NaN on rank 1) were skipped on both ranks; step 4 measured.
+    assert sorted(by_step) == [4]
+    jsonl = [json.loads(line) for line in (log_dir / "hessian" / "hessian.jsonl").read_text().splitlines()]
+    assert [int(e["step"]) for e in jsonl] == [4]
+    assert math.isfinite(jsonl[0]["lambda_max"]) and jsonl[0]["lambda_max_converged"] == 1.0
+
+
+def _resume_run(root: Path, max_steps: int, ckpt_path: str | None = None) -> dict[str, Any]:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    pl.seed_everything(1234)
+    model = TanhModule(lr=0.05)
+    monitor = HessianMonitor(
+        every_n_steps=2, every_n_epochs=None, probe_batches=2, loss_fn=probe_loss, quantities=("eigenvalues",), tol=1e-6
+    )
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
+    csv_logger = CSVLogger(str(root), name="csv", version=0)
+    trainer = _ddp_trainer(
+        root, [monitor, checkpoint], max_steps=max_steps, logger=[csv_logger], enable_checkpointing=True
+    )
+    _spawned(lambda: trainer.fit(model, ddp_train_loader(), ckpt_path=ckpt_path))
+    jsonl = Path(csv_logger.log_dir) / "hessian" / "hessian.jsonl"
+    records = {int(e["step"]): e for e in map(json.loads, jsonl.read_text().splitlines())}
+    return dict(model=model, records=records)
+
+
+def test_ddp_resume_measures_every_ranks_own_probe_shard(tmp_path: Path) -> None:
+    from lightning_hessian._batch_codec import decode
+
+    first = _resume_run(tmp_path, max_steps=4)
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)  # loads the way Lightning loads it
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("HessianMonitor"))
+    shards = [[decode(b) for b in shard] for shard in state["probe_shards"]]
+    assert len(shards) == 2 and all(len(s) == 2 for s in shards)
+    assert not torch.equal(shards[0][0][0], shards[1][0][0])  # each rank captured its own batches
+    union = [b for shard in shards for b in shard]
+    # Before the resume: the step-4 measurement is the dense lambda_max of both shards at the step-4 weights.
+    at_ckpt = TanhModule()
+    at_ckpt.load_state_dict({k[len("") :]: v for k, v in checkpoint["state_dict"].items()})
+    dense_before, _ = dense_spectrum_at(at_ckpt, union)
+    assert _rel(first["records"][4]["lambda_max"], dense_before) < 1e-4
+    # After the resume: the step-6 measurement again uses both ranks' shards, not rank 0's twice.
+    second = _resume_run(tmp_path, max_steps=6, ckpt_path=str(ckpt))
+    dense_after, _ = dense_spectrum_at(second["model"], union)
+    rank_zero_only, _ = dense_spectrum_at(second["model"], shards[0] + shards[0])
+    assert _rel(dense_after, rank_zero_only) > 1e-3  # the comparison can tell the two apart
+    assert _rel(second["records"][6]["lambda_max"], dense_after) < 1e-4, (second["records"][6], dense_after)
+    assert sorted(second["records"]) == [1, 2, 4, 6]  # the JSONL in the same directory: each step once

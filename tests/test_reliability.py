@@ -260,3 +260,33 @@ def test_setup_checks_what_the_model_makes_knowable(kwargs: dict[str, Any], modu
         kwargs["max_hvp"] = 500
     with pytest.raises(ValueError, match=message):
         HessianMonitor(loss_fn=probe_loss, **kwargs).setup(_fake_trainer("SingleDeviceStrategy"), module, "fit")
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+
+class _OutOfMemoryOnce:
+    """A probe loss whose first call runs out of memory (CI has no GPU: the allocation failure is injected)."""
+
+    def __init__(self, error: type[BaseException]) -> None:
+        self.error = error
+        self.calls = 0
+
+    def __call__(self, module: nn.Module, batch: Any) -> Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            raise self.error("injected: tried to allocate 20.00 GiB")
+        return probe_loss(module, batch)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError], ids=["accelerator", "host"])
+def test_out_of_memory_is_a_skipped_measurement_that_says_what_to_change(
+    tmp_path: Path, error: type[BaseException]
+) -> None:
+    monitor = HessianMonitor(every_n_steps=2, probe_dataloader=probe_loader(), loss_fn=_OutOfMemoryOnce(error))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, max_epochs=-1, callbacks=[monitor]))
+    with pytest.warns(UserWarning, match=r"step 0 ran out of memory and was skipped.*hvp='double_backward'.*params="):
+        trainer.fit(TanhModule(), train_loader())
+    assert trainer.global_step == 4  # training went on
+    assert [int(h["step"]) for h in monitor.history] == [2, 4]  # and so did measuring, with a fresh objective
+    assert monitor._n_failed == 1

@@ -15,8 +15,8 @@
   float32 the round-off of a product adds about ``eps * N`` relative mass per column to ``b_j``:
   on very large models read small shares with that in mind.
 
-Blocks are ``"module"`` (parameters grouped by owning module: ``fc1.weight`` and ``fc1.bias``),
-``"parameter"`` (one block per parameter tensor) or ``None`` (one block, ``"all"``).
+Blocks are those of :func:`lightning_hessian.blocks.parameter_blocks`: by default one per module
+(``fc1.weight`` and ``fc1.bias`` form ``"fc1"``), or named glob patterns.
 """
 
 from __future__ import annotations
@@ -26,15 +26,13 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_hessian.blocks import BlockSpec, parameter_blocks
 from lightning_hessian.objective import Objective
-
-Blocks = Literal["module", "parameter"] | None
 
 
 @dataclass(frozen=True)
@@ -106,18 +104,14 @@ class DiagonalShare:
     seconds: float
 
 
-def block_ranges(objective: Objective, blocks: Blocks = "module") -> list[tuple[str, list[tuple[int, int]]]]:
-    """``(block name, [(start, stop), ...])`` in flat order for the objective's parameters."""
-    if blocks not in ("module", "parameter", None):
-        raise ValueError(f"blocks must be 'module', 'parameter' or None, got {blocks!r}")
-    out: dict[str, list[tuple[int, int]]] = {}
-    offset = 0
+def _strata(objective: Objective) -> list[tuple[str, int, int]]:
+    """``(parameter name, start, stop)`` of each parameter tensor in the flat vector."""
+    out, offset = [], 0
     for name, shape in objective.param_shapes:
         size = math.prod(shape)
-        key = "all" if blocks is None else (name if blocks == "parameter" else name.rpartition(".")[0] or name)
-        out.setdefault(key, []).append((offset, offset + size))
+        out.append((name, offset, offset + size))
         offset += size
-    return list(out.items())
+    return out
 
 
 def _rademacher(n: int, gen: torch.Generator, like: Tensor) -> Tensor:
@@ -125,16 +119,12 @@ def _rademacher(n: int, gen: torch.Generator, like: Tensor) -> Tensor:
     return (bits.to(torch.float64) * 2 - 1).to(device=like.device, dtype=like.dtype)
 
 
-def _index(ranges: list[tuple[int, int]], device: torch.device) -> Tensor:
-    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
-
-
 def hessian_diagonal(
     objective: Objective,
     n: int = 30,
     seed: int = 0,
     *,
-    blocks: Blocks = "module",
+    blocks: BlockSpec = None,
     products: Iterable[tuple[Tensor, Tensor]] = (),
 ) -> DiagonalEstimate:
     """Hutchinson estimate of the Hessian's diagonal, ``mean(v * Hv)`` over Rademacher ``v``, with standard errors.
@@ -143,7 +133,8 @@ def hessian_diagonal(
         objective: the operator.
         n: number of samples in total; ``products`` count towards it, new HVPs fill the rest.
         seed: seeds the private generator of the new probes.
-        blocks: how per-block traces are grouped (``"module"``, ``"parameter"`` or ``None``).
+        blocks: how per-block traces are grouped (:func:`~lightning_hessian.blocks.parameter_blocks`;
+            ``None``: one block per module).
         products: ``(v, Hv)`` pairs already computed with Rademacher ``v`` (e.g. by a plain
             Hutchinson trace at the same step), reused at no cost.
     """
@@ -152,8 +143,8 @@ def hessian_diagonal(
     start = time.perf_counter()
     before = objective.n_hvp
     dim, device = objective.num_params, objective.device
-    ranges = block_ranges(objective, blocks)
-    index = [_index(r, device) for _, r in ranges]
+    groups = parameter_blocks(objective, blocks)
+    index = [b.index.to(device) for b in groups]
     total = torch.zeros(dim, dtype=torch.float64, device=device)
     total_sq = torch.zeros(dim, dtype=torch.float64, device=device)
     block_samples: list[list[float]] = []
@@ -191,8 +182,8 @@ def hessian_diagonal(
         trace=float(sums.mean()),
         trace_stderr=float(sums.std(ddof=1) / math.sqrt(count)),
         blocks=tuple(
-            BlockDiagonal(name, int(i.numel()), float(samples[:, b].mean()), float(block_err[b]))
-            for b, ((name, _), i) in enumerate(zip(ranges, index))
+            BlockDiagonal(group.name, group.num_params, float(samples[:, b].mean()), float(block_err[b]))
+            for b, group in enumerate(groups)
         ),
         n_samples=count,
         n_hvp=objective.n_hvp - before,
@@ -228,7 +219,7 @@ def diagonal_share(
     n_columns: int = 64,
     seed: int = 0,
     *,
-    blocks: Blocks = "module",
+    blocks: BlockSpec = None,
 ) -> DiagonalShare:
     """Estimate ``sum_j |H_jj| / sum_ij |H_ij|`` (and per block) from ``n_columns`` sampled Hessian columns.
 
@@ -241,11 +232,12 @@ def diagonal_share(
         n_columns: HVP budget, one per column; at least two per parameter tensor (all of a tensor
             with fewer entries); capped at the number of parameters (then the result is exact).
         seed: seeds the column sampling.
-        blocks: how the per-block shares are grouped: ``"module"``, ``"parameter"`` or ``None``.
+        blocks: how the per-block shares are grouped (:func:`~lightning_hessian.blocks.parameter_blocks`;
+            ``None``: one block per module).
     """
-    strata = block_ranges(objective, "parameter")
-    reported = block_ranges(objective, blocks)
-    sizes = [b - a for _, ((a, b),) in strata]
+    strata = _strata(objective)
+    reported = parameter_blocks(objective, blocks)
+    sizes = [stop - first for _, first, stop in strata]
     need = sum(min(2, s) for s in sizes)
     if not isinstance(n_columns, int) or n_columns < need:
         raise ValueError(
@@ -259,7 +251,7 @@ def diagonal_share(
     unit = torch.zeros(objective.num_params, dtype=objective.dtype, device=objective.device)
     samples: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}  # stratum -> (size, |H_jj|, ||H e_j||_1)
     with objective.session():
-        for (name, ((first, _),)), size, m in zip(strata, sizes, alloc):
+        for (name, first, _), size, m in zip(strata, sizes, alloc):
             diag, mass = [], []
             for j in sorted(rng.sample(range(size), m)):
                 unit[first + j] = 1.0
@@ -269,14 +261,12 @@ def diagonal_share(
                 mass.append(float(column.abs().sum()))
             samples[name] = (size, np.asarray(diag), np.asarray(mass))
     value, stderr, diag_total, mass_total = _stratified_ratio(list(samples.values()))
-    starts = {first: name for name, ((first, _),) in strata}
     block_results = []
-    for name, ranges in reported:
-        members = [samples[starts[first]] for first, _ in ranges]
+    for group in reported:
+        members = [samples[name] for name in group.param_names]
         own, own_err, _, _ = _stratified_ratio(members)
-        block_results.append(
-            BlockShare(name, sum(m[0] for m in members), own, own_err, sum(len(m[1]) for m in members))
-        )
+        used = sum(len(m[1]) for m in members)
+        block_results.append(BlockShare(group.name, group.num_params, own, own_err, used))
     return DiagonalShare(
         value=value,
         stderr=stderr,

@@ -106,6 +106,10 @@ def preconditioned_sharpness(
     ref = pre.reference
     threshold = ref.threshold
     root = pre.stability_scale.sqrt()
+    if not bool((root > 0).any()) or not threshold < float("inf"):
+        raise GeometryUnavailableError(
+            "degenerate", "no analysed parameter moves (learning rate 0, or no optimizer state for any of them)"
+        )
     v0 = _start(init, root, seed)
 
     def matvec(v: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from helpers import QuadraticModel, assert_untouched, dense_hessian, quadratic_loss, snapshot, tanh_mlp_case
 from lightning_hessian import Objective
-from lightning_hessian.diagonal import _allocate, _stratified_ratio, block_ranges, diagonal_share, hessian_diagonal
+from lightning_hessian.diagonal import _allocate, _stratified_ratio, diagonal_share, hessian_diagonal
 
 BLOCKS = {"0": slice(0, 216), "2": slice(216, 816), "4": slice(816, 916)}  # tanh MLP 8-24-24-4, by module
 
@@ -44,9 +44,9 @@ def test_diagonal_is_exact_for_a_diagonal_hessian() -> None:
     model = QuadraticModel(np.ones(6))
     with torch.no_grad():
         model.a.copy_(torch.diag(torch.tensor([3.0, -1.0, 0.5, 2.0, 0.0, 7.0], dtype=torch.float64)))
-    est = hessian_diagonal(Objective(model, quadratic_loss, [None]), n=4, blocks=None)
+    est = hessian_diagonal(Objective(model, quadratic_loss, [None]), n=4)
     torch.testing.assert_close(est.diagonal, torch.diagonal(model.a), rtol=0, atol=1e-14)
-    assert float(est.stderr.max()) == 0.0 and est.blocks[0].name == "all"
+    assert float(est.stderr.max()) == 0.0 and est.blocks[0].name == "_root"
 
 
 def test_diagonal_reuses_given_products() -> None:
@@ -68,7 +68,7 @@ def test_diagonal_reuses_given_products() -> None:
 def test_diagonal_share_is_exact_when_every_column_is_sampled() -> None:
     case = tanh_mlp_case()
     objective = Objective(case.model, case.loss_fn, case.batches, params="4.*")
-    share = diagonal_share(objective, n_columns=1000, blocks="parameter")
+    share = diagonal_share(objective, n_columns=1000, blocks=["4.weight", "4.bias"])
     h = dense_hessian(case, ["4.weight", "4.bias"])
     assert share.n_columns == 100 and share.n_hvp == 100
     assert share.value == pytest.approx(_dense_share(h), rel=1e-5)
@@ -121,7 +121,7 @@ def test_share_of_a_diagonal_hessian_is_one() -> None:
     model = QuadraticModel(np.ones(50))
     with torch.no_grad():
         model.a.copy_(torch.diag(torch.linspace(-1, 2, 50, dtype=torch.float64)))
-    share = diagonal_share(Objective(model, quadratic_loss, [None]), n_columns=10, blocks=None)
+    share = diagonal_share(Objective(model, quadratic_loss, [None]), n_columns=10)
     assert share.value == pytest.approx(1.0) and share.stderr == pytest.approx(0.0, abs=1e-12)
 
 
@@ -138,7 +138,7 @@ def test_too_few_columns_fail_early() -> None:
     objective = Objective(case.model, case.loss_fn, case.batches)
     with pytest.raises(ValueError, match="at least 12"):
         diagonal_share(objective, n_columns=5)
-    with pytest.raises(ValueError, match="blocks must be"):
-        block_ranges(objective, "layer")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="matches no parameter"):
+        diagonal_share(objective, blocks=["nothing.*"])
     with pytest.raises(ValueError, match="n must be"):
         hessian_diagonal(objective, n=1)

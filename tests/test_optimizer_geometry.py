@@ -284,6 +284,13 @@ def test_no_state_before_the_first_step(make: MakeOptimizer) -> None:
     _assert_bit_identical(before, [opt])
 
 
+def test_zero_learning_rate_is_degenerate() -> None:
+    case = tanh_mlp_case()
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.0)
+    with pytest.raises(GeometryUnavailableError, match="degenerate"):
+        preconditioned_sharpness(Objective(case.model, case.loss_fn, case.batches), opt)
+
+
 def test_sgd_needs_no_state() -> None:
     case = tanh_mlp_case()
     opt = torch.optim.SGD(case.model.parameters(), lr=0.1, momentum=0.9)

@@ -421,6 +421,25 @@ def test_closure_that_only_returns_the_loss_works_and_backward_is_restored_after
     assert torch.autograd.backward is original
 
 
+def test_a_closure_failing_at_the_trial_point_leaves_parameters_and_backward_as_they_were() -> None:
+    net, loss_fn = mlp_problem()
+    before = [p.detach().clone() for p in net.parameters()]
+    original = torch.autograd.backward
+    calls = []
+
+    def closure() -> Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("data loader broke")
+        return loss_fn()
+
+    opt = TrustRegion(net.parameters(), "rms")
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    assert torch.autograd.backward is original
+
+
 def test_importing_the_optimizer_does_not_import_lightning() -> None:
     code = (
         "import sys, lightning_hessian.optim; "

@@ -364,8 +364,14 @@ class TrustRegion(torch.optim.Optimizer):
         with torch.no_grad():
             for p, s in zip(params, unflatten(result.step.to(params[0].dtype), params)):
                 p.add_(s)
-        with _BackwardCapture(params, create_graph=False) as trial_capture, torch.no_grad():
-            trial_t = trial_capture.loss(closure())
+        try:
+            with _BackwardCapture(params, create_graph=False) as trial_capture, torch.no_grad():
+                trial_t = trial_capture.loss(closure())
+        except BaseException:  # leave the parameters where the step found them
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            raise
         glob["n_loss"] += 1
         trial = math.nan if trial_t is None else float(trial_t.detach())
         rho = (loss - trial) / result.predicted_decrease

@@ -2,8 +2,9 @@
 
 from typing import TYPE_CHECKING, Any
 
+from lightning_hessian import instruments
+from lightning_hessian.instruments import run_instruments
 from lightning_hessian.landscape import Line, Surface, hessian_directions, loss_line, loss_surface, random_direction
-from lightning_hessian.measure import MeasureConfig, Measurement, measure
 from lightning_hessian.objective import HvpFallbackWarning, NonFiniteLossError, Objective
 from lightning_hessian.spectrum import EigenResult, extremal_eigenpairs
 from lightning_hessian.trace import TraceEstimate, hutchinson_trace, slope_fit_trace
@@ -26,8 +27,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "EigenResult",
     "HessianMonitor",
-    "MeasureConfig",
-    "Measurement",
     "HvpFallbackWarning",
     "Line",
     "NonFiniteLossError",
@@ -38,9 +37,10 @@ __all__ = [
     "extremal_eigenpairs",
     "hessian_directions",
     "hutchinson_trace",
+    "instruments",
     "loss_line",
     "loss_surface",
-    "measure",
     "random_direction",
+    "run_instruments",
     "slope_fit_trace",
 ]

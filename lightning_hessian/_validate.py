@@ -84,3 +84,9 @@ def batches_source(name: str, value: Any) -> Any:
     if isinstance(value, Sized) and len(value) == 0:
         raise ValueError(f"{name} is empty: it must give at least one batch")
     return value
+
+
+def flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value

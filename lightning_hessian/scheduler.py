@@ -1,0 +1,184 @@
+"""When each instrument runs: its cadence, log-spaced early tracking, and the time budget.
+
+Free of Lightning and of wall clocks: the monitor feeds it steps, epoch ends and measured costs,
+and it answers with the instruments to run. Budget decisions are turned into *step numbers*
+(``next_allowed``) once per measurement, so that under DDP one broadcast of rank zero's numbers
+makes every rank decide identically without a collective at every step.
+
+The budget: instrument ``i`` may spend ``share_i = budget * weight_i / sum(weights)`` of the
+training time so far. After a run it may run again from the first step at which, at the mean
+training-step time so far, its spending plus one more run of the same cost fits its share. A
+measurement that is due before then is *postponed*: it stays pending and runs at the first
+allowed step; further due points while it is pending are coalesced. Both count as skipped.
+Measurements at the start and the end of fit are not budgeted (the first tells the cost).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class Cadence:
+    """When an instrument is due: every ``every_n_steps`` optimizer steps, every ``every_n_epochs`` epochs,
+    and (``log_spaced``) at steps 1, 2, 4, 8, ... where the geometry changes fastest."""
+
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    log_spaced: bool = False
+
+
+@dataclass
+class _Slot:
+    anchor: int = 0  # step of the last every_n_steps slot
+    last_run: int = -1
+    pending_since: int = -1  # -1: nothing pending
+    next_allowed: int = 0
+    spent: float = 0.0
+    last_cost: float = 0.0
+    runs: int = 0
+    skipped: int = 0
+
+
+class Scheduler:
+    """Decides which instruments run at each point of a fit."""
+
+    def __init__(
+        self, cadences: dict[str, Cadence], budget: float | None, weights: dict[str, float] | None = None
+    ) -> None:
+        self.cadences = dict(cadences)
+        self.budget = budget
+        w = {name: (weights or {}).get(name, 1.0) for name in cadences}
+        total = sum(w.values()) or 1.0
+        self.shares = {name: (budget or 0.0) * w[name] / total for name in cadences}
+        self.slots = {name: _Slot() for name in cadences}
+        self.train_seconds = 0.0  # carried across a resume
+        self.new_skips = 0  # skips since the last call of take_new_skips()
+
+    # ------------------------------------------------------------------ due points
+    def after_step(self, step: int) -> list[str]:
+        """Instruments to run after the optimizer step that made ``global_step == step``."""
+        for name, cadence in self.cadences.items():
+            slot = self.slots[name]
+            n = cadence.every_n_steps
+            due = n is not None and step > slot.anchor and step - slot.anchor >= n
+            if due:
+                slot.anchor = step
+            if cadence.log_spaced and step >= 1 and step & (step - 1) == 0:
+                due = True
+            if due:
+                self._request(name, step)
+        return self._runnable(step)
+
+    def at_epoch_end(self, epoch: int, step: int) -> list[str]:
+        """Instruments to run at the end of training epoch ``epoch`` (0-based)."""
+        for name, cadence in self.cadences.items():
+            n = cadence.every_n_epochs
+            if n is not None and (epoch + 1) % n == 0:
+                self._request(name, step)
+        return self._runnable(step)
+
+    def unbudgeted(self, step: int) -> list[str]:
+        """Every instrument not yet run at ``step`` (fit start and end: not budgeted)."""
+        return [name for name, slot in self.slots.items() if slot.last_run != step]
+
+    def _request(self, name: str, step: int) -> None:
+        slot = self.slots[name]
+        if slot.last_run == step:
+            return
+        if slot.pending_since >= 0:
+            if slot.pending_since != step:  # a due point while one is already waiting: coalesced
+                slot.skipped += 1
+                self.new_skips += 1
+            return
+        slot.pending_since = step
+        if self.budget is not None and step < slot.next_allowed:
+            slot.skipped += 1  # postponed
+            self.new_skips += 1
+
+    def _runnable(self, step: int) -> list[str]:
+        return [
+            name
+            for name, slot in self.slots.items()
+            if slot.pending_since >= 0 and slot.last_run != step and (self.budget is None or step >= slot.next_allowed)
+        ]
+
+    # ------------------------------------------------------------------ accounting
+    def ran(self, name: str, step: int, seconds: float) -> None:
+        """Record a run (successful or failed: both cost time); clears what was pending."""
+        slot = self.slots[name]
+        slot.last_run = step
+        slot.pending_since = -1
+        slot.spent += seconds
+        slot.last_cost = seconds
+        slot.runs += 1
+
+    def plan(self, step: int, train_seconds: float, train_steps: int) -> dict[str, int]:
+        """Rank zero: the step from which each instrument fits its share again (to broadcast and :meth:`apply`)."""
+        self.train_seconds = train_seconds
+        if self.budget is None:
+            return {}
+        step_seconds = train_seconds / max(train_steps, 1)
+        plan = {}
+        for name, slot in self.slots.items():
+            share = self.shares[name]
+            needed = (slot.spent + slot.last_cost) / share - train_seconds if share > 0 else math.inf
+            if needed <= 0:
+                plan[name] = step + 1
+            elif step_seconds <= 0 or not math.isfinite(needed):
+                plan[name] = step + 1_000_000_000
+            else:
+                plan[name] = step + max(1, math.ceil(needed / step_seconds))
+        return plan
+
+    def apply(self, plan: dict[str, int]) -> None:
+        for name, next_allowed in plan.items():
+            if name in self.slots:
+                self.slots[name].next_allowed = int(next_allowed)
+
+    def take_new_skips(self) -> int:
+        n, self.new_skips = self.new_skips, 0
+        return n
+
+    @property
+    def skipped(self) -> int:
+        return sum(slot.skipped for slot in self.slots.values())
+
+    def pending(self) -> list[str]:
+        return [name for name, slot in self.slots.items() if slot.pending_since >= 0]
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"slots": {name: asdict(slot) for name, slot in self.slots.items()}, "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, values in (state.get("slots") or {}).items():
+            if name in self.slots:
+                self.slots[name] = _Slot(**{k: v for k, v in values.items() if k in _Slot.__dataclass_fields__})
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """Instrument names made unique (``trace``, ``trace_2``): they key the schedule and the checkpoint."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
+
+
+def cadence_for(
+    own: tuple[int | None, int | None], every_n_steps: int | None, every_n_epochs: int | None, log_spaced: bool
+) -> Cadence:
+    """An instrument's own cadence when it has one, else the monitor's."""
+    if own[0] is not None or own[1] is not None:
+        return Cadence(every_n_steps=own[0], every_n_epochs=own[1])
+    return Cadence(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, log_spaced=log_spaced)
+
+
+def names_of(items: Sequence[Any]) -> list[str]:
+    return unique_names(getattr(item, "name", type(item).__name__) for item in items)

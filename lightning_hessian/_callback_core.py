@@ -159,6 +159,7 @@ class _HessianMonitorCore:
             raise ValueError(f"prefix must be a non-empty string without a trailing '/', got {prefix!r}")
         self.prefix = prefix
         self.landscape_prefix = "landscape" if prefix == "hessian" else f"{prefix}_landscape"
+        self._clock: Callable[[], float] = time.perf_counter  # wall clock of the budget (a test can fake it)
         self._names = names_of(self.instruments)
         self._by_name = dict(zip(self._names, self.instruments))
         self._reset_fit_state()
@@ -240,7 +241,7 @@ class _HessianMonitorCore:
             )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._fit_started_at = time.perf_counter()
+        self._fit_started_at = self._clock()
         self._measure_seconds = 0.0
         self._objective = None
         self._collectives = None
@@ -277,6 +278,8 @@ class _HessianMonitorCore:
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.sanity_checking:
             return
+        if self.scheduler.needs_replan:  # the fit-start measurement was planned before any step was timed
+            self._plan_budget(trainer, int(trainer.global_step))
         names = self.due_instruments(trainer, step=int(trainer.global_step))
         self._run(trainer, pl_module, names)
 
@@ -361,7 +364,7 @@ class _HessianMonitorCore:
         """Training wall time of this run so far (measuring excluded), carried across a resume."""
         if not self._fit_started_at:
             return self._train_seconds_before
-        elapsed = time.perf_counter() - self._fit_started_at - self._measure_seconds
+        elapsed = self._clock() - self._fit_started_at - self._measure_seconds
         return self._train_seconds_before + max(elapsed, 0.0)
 
     def _run_dir(self, trainer: Any) -> Path:
@@ -392,14 +395,14 @@ class _HessianMonitorCore:
         if not names or trainer.sanity_checking or not self.probe.complete:
             return
         step = int(trainer.global_step)
-        started = time.perf_counter()
+        started = self._clock()
         hvp_before = self._hvp_count()
         ctx: StepContext | None = None
         outputs: dict[str, InstrumentOutput] = {}
         seconds: dict[str, float] = {}
         for name in [n for n in self._names if n in names]:
             ins = self._by_name[name]
-            t0 = time.perf_counter()
+            t0 = self._clock()
             if ctx is None:
                 ok, ctx = self._guarded(
                     trainer,
@@ -407,18 +410,18 @@ class _HessianMonitorCore:
                     lambda: self._agreed(lambda: self._new_context(trainer, pl_module, step)),
                 )
                 if not ok:
-                    self.scheduler.ran(name, step, time.perf_counter() - t0)
+                    self.scheduler.ran(name, step, self._clock() - t0)
                     break
             one = functools.partial(self._one, ctx, name, ins)
             ok, out = self._guarded(trainer, f"the {name} measurement", functools.partial(self._agreed, one))
-            seconds[name] = time.perf_counter() - t0
+            seconds[name] = self._clock() - t0
             self.scheduler.ran(name, step, seconds[name])
             if ok:
                 outputs[name] = out
             else:
                 self._drop_objectives()  # rebuilt from scratch next time, on every rank alike
                 ctx = None
-        self._measure_seconds += time.perf_counter() - started
+        self._measure_seconds += self._clock() - started
         self._plan_budget(trainer, step)
         if outputs:
             self._record(trainer, step, outputs, seconds, hvp_before, ctx)
@@ -461,7 +464,7 @@ class _HessianMonitorCore:
         """Rank zero turns the budget into next-allowed steps; every rank applies the same numbers."""
         if self.budget is None:
             return
-        plan = self.scheduler.plan(step, self._train_seconds(), max(step, 1))
+        plan = self.scheduler.plan(step, self._train_seconds(), step)
         if int(trainer.world_size) > 1:
             plan = trainer.strategy.broadcast(plan, src=0)
         self.scheduler.apply(plan)

@@ -57,6 +57,8 @@ class Scheduler:
         self.slots = {name: _Slot() for name in cadences}
         self.train_seconds = 0.0  # carried across a resume
         self.new_skips = 0  # skips since the last call of take_new_skips()
+        self.needs_replan = False  # a plan made before any training step was timed
+        self._due_now: set[str] = set()
 
     # ------------------------------------------------------------------ due points
     def after_step(self, step: int) -> list[str]:
@@ -87,24 +89,23 @@ class Scheduler:
 
     def _request(self, name: str, step: int) -> None:
         slot = self.slots[name]
-        if slot.last_run == step:
-            return
-        if slot.pending_since >= 0:
-            if slot.pending_since != step:  # a due point while one is already waiting: coalesced
-                slot.skipped += 1
-                self.new_skips += 1
-            return
-        slot.pending_since = step
-        if self.budget is not None and step < slot.next_allowed:
-            slot.skipped += 1  # postponed
-            self.new_skips += 1
+        if slot.last_run != step:
+            self._due_now.add(name)
+            if slot.pending_since < 0:
+                slot.pending_since = step
 
     def _runnable(self, step: int) -> list[str]:
-        return [
+        """Pending instruments whose budget allows them now; due ones that must wait are counted as skipped."""
+        runnable = [
             name
             for name, slot in self.slots.items()
             if slot.pending_since >= 0 and slot.last_run != step and (self.budget is None or step >= slot.next_allowed)
         ]
+        for name in self._due_now - set(runnable):  # postponed, or folded into one already waiting
+            self.slots[name].skipped += 1
+            self.new_skips += 1
+        self._due_now = set()
+        return runnable
 
     # ------------------------------------------------------------------ accounting
     def ran(self, name: str, step: int, seconds: float) -> None:
@@ -121,14 +122,18 @@ class Scheduler:
         self.train_seconds = train_seconds
         if self.budget is None:
             return {}
-        step_seconds = train_seconds / max(train_steps, 1)
+        if train_steps <= 0:  # no step timed yet: plan again after the next step (same decision on every rank)
+            self.needs_replan = True
+            return {name: step + 1 for name in self.slots}
+        self.needs_replan = False
+        step_seconds = max(train_seconds, 1e-9) / train_steps
         plan = {}
         for name, slot in self.slots.items():
             share = self.shares[name]
             needed = (slot.spent + slot.last_cost) / share - train_seconds if share > 0 else math.inf
             if needed <= 0:
                 plan[name] = step + 1
-            elif step_seconds <= 0 or not math.isfinite(needed):
+            elif not math.isfinite(needed):
                 plan[name] = step + 1_000_000_000
             else:
                 plan[name] = step + max(1, math.ceil(needed / step_seconds))

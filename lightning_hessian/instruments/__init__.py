@@ -14,6 +14,7 @@ from typing import Any
 from lightning_hessian.instruments.base import Artifact, Instrument, InstrumentOutput, StepContext
 from lightning_hessian.instruments.curvature import Eigenvalues, SlopeFitTrace, Trace
 from lightning_hessian.instruments.landscape import Landscape
+from lightning_hessian.instruments.optimizer import HessianDiagonal, OptimizerCurvature, StepCurvature
 from lightning_hessian.objective import Objective
 
 
@@ -82,11 +83,14 @@ def run_instruments(
 __all__ = [
     "Artifact",
     "Eigenvalues",
+    "HessianDiagonal",
     "Instrument",
     "InstrumentOutput",
     "Landscape",
+    "OptimizerCurvature",
     "SlopeFitTrace",
     "StepContext",
+    "StepCurvature",
     "StepResult",
     "Trace",
     "ordered",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, get_args
@@ -17,6 +18,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_hessian._engines import (
+    EnginePlan,
+    GraphCost,
+    SavedBytes,
+    even_sizes,
+    plan_pieces,
+    split_batch,
+    tensors_in,
+)
 from lightning_hessian._guard import analysis_mode
 from lightning_hessian._params import ParamSpec, flatten, select_parameters, unflatten
 
@@ -27,6 +37,11 @@ AllReduceSum = Callable[[Tensor], Tensor]
 
 _ENGINES: tuple[str, ...] = get_args(HvpEngine)
 _CHECK_VECTORS = 4  # 4 products give 6 pairs u'Hw, w'Hu
+# hvp="auto"'s default budget: graphs alive at once within this multiple of a training step's saved
+# activations (measured peak: see benchmarks/bench_memory.py), and never below a size at which
+# memory is not worth trading time for.
+_BUDGET_PER_TRAINING_STEP = 1.0
+_MIN_BUDGET = 16 * 2**20
 
 
 def symmetry_tolerance(dtype: torch.dtype) -> float:
@@ -103,6 +118,15 @@ def _require_differentiable(loss: Tensor) -> None:
     )
 
 
+def _math_attention() -> contextlib.AbstractContextManager[None]:
+    """Scaled dot-product attention on its math kernel: the fused kernels have no double backward."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])  # type: ignore[no-any-return]
+
+
 class HvpFallbackWarning(UserWarning):
     """Double backward is unavailable for this model; HVPs fall back to finite differences."""
 
@@ -166,18 +190,25 @@ class Objective:
         batches: the probe set; each batch is weighted by its size (``batch_size_fn``).
         params: ``None`` for all parameters with ``requires_grad``, or a glob / list of globs on
             parameter names (``"fc1.*"``) to analyse a subset.
-        hvp: ``"auto"`` (cached gradient graph, finite differences if the model has no double
-            backward), ``"cached"``, ``"double_backward"`` (fresh graph per product, lowest memory),
-            ``"forward_over_reverse"`` (``torch.func``) or ``"finite_difference"``. ``"auto"`` checks
-            once that double backward runs and is symmetric (four products of random vectors,
-            counted in ``n_hvp_check``).
+        hvp: ``"auto"`` (double backward planned to a memory budget, finite differences if the
+            model has no double backward), ``"cached"`` (one gradient graph of the whole probe set
+            held for the session: fastest, most memory), ``"double_backward"`` (a fresh graph per
+            batch and product), ``"forward_over_reverse"`` (``torch.func``) or
+            ``"finite_difference"``. ``"auto"`` checks once that double backward runs and is
+            symmetric (four products of random vectors, counted in ``n_hvp_check``).
         mode: ``"eval"`` (dropout off, BatchNorm on running statistics: one fixed symmetric
             operator) or ``"batch_stats"`` (BatchNorm on batch statistics over copied buffers).
         batch_size_fn: weight of a batch; default: leading dimension of its first tensor.
         all_reduce_sum: for distributed use, a function summing a tensor over all processes
             (every process then sees the same operator); ``None`` for a single process.
+        memory_budget: bytes of gradient graphs ``hvp="auto"`` may hold at once; default: what a
+            training step on the largest probe batch holds (the activations its forward pass
+            saves, measured), at least 16 MiB. ``"auto"`` holds the whole probe set's graph when it fits, else cuts
+            batches into micro-batches (exact: HVPs add over samples) and holds what fits.
 
     Flat vectors follow ``model.named_parameters()`` order restricted to the selected parameters.
+    Gradient graphs live at most for the outermost :meth:`session` (every algorithm here opens
+    one); nothing is held between sessions.
     """
 
     def __init__(
@@ -191,6 +222,7 @@ class Objective:
         mode: ObjectiveMode = "eval",
         batch_size_fn: Callable[[Any], int] | None = None,
         all_reduce_sum: AllReduceSum | None = None,
+        memory_budget: float | None = None,
     ) -> None:
         if hvp not in _ENGINES:
             raise ValueError(f"hvp must be one of {_ENGINES}, got {hvp!r}")
@@ -201,6 +233,12 @@ class Objective:
                 "hvp='forward_over_reverse' cannot run BatchNorm on batch statistics (torch.func forbids the "
                 "in-place running-statistics update); use hvp='cached' or 'double_backward' with mode='batch_stats'"
             )
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, (int, float))
+            or not 0 < memory_budget < math.inf
+        ):
+            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
         self.batches = list(batches)
@@ -210,6 +248,7 @@ class Objective:
         self.loss_fn = loss_fn
         self.mode: ObjectiveMode = mode
         self.hvp_engine: HvpEngine = hvp
+        self.memory_budget = None if memory_budget is None else float(memory_budget)
         self._all_reduce_sum = all_reduce_sum
         selected = select_parameters(model, params)
         self.param_names = [n for n, _ in selected]
@@ -217,18 +256,23 @@ class Objective:
         dtypes = {p.dtype for p in self._params}
         if len(dtypes) > 1:
             raise ValueError(f"selected parameters mix dtypes {sorted(map(str, dtypes))}; select one dtype")
-        size_fn = batch_size_fn or default_batch_size
-        self._weights = [float(size_fn(b)) for b in self.batches]
+        self._size_fn = batch_size_fn or default_batch_size
+        self._weights = [float(self._size_fn(b)) for b in self.batches]
         if any(w <= 0 for w in self._weights):
             raise ValueError(f"every batch needs a positive size, got {self._weights}")
         self._total_weight = float(
             self._reduce(torch.tensor(sum(self._weights), dtype=torch.float64, device=self.device)).item()
         )
         self._call = _LossCall(model, loss_fn)
-        self._cache: tuple[tuple[tuple[int, int], ...], list[Tensor], Tensor] | None = None
         self._fallback_reason: str | None = None
         self._verified = False
         self.asymmetry_estimate: float | None = None
+        self.engine_plan: EnginePlan | None = None
+        self.out_of_memory_events = 0
+        self._chunks: list[list[tuple[Any, float]]] | None = None
+        self._n_held = 0
+        self._held: dict[int, tuple[list[Tensor], Tensor]] = {}
+        self._held_key: tuple[tuple[int, int], ...] | None = None
         self._session_depth = 0
         self._session_key: tuple[tuple[int, int], ...] | None = None
         self._buffers: dict[str, tuple[Tensor, int]] = {}
@@ -255,10 +299,22 @@ class Objective:
 
     @property
     def active_engine(self) -> str:
-        """The HVP engine in use: ``hvp_engine`` with ``"auto"`` resolved (after the first HVP)."""
-        if self.hvp_engine != "auto":
-            return self.hvp_engine
-        return "finite_difference" if self._fallback_reason else "cached"
+        """The HVP engine in use, ``"auto"`` resolved once the first HVP has run.
+
+        ``"cached"``, ``"partially_cached"`` or ``"double_backward"`` (see :attr:`engine_plan` for
+        micro-batches and held graphs), ``"forward_over_reverse"`` or ``"finite_difference"``;
+        ``"auto"`` before the first HVP.
+        """
+        if self._fallback_reason is not None:
+            return "finite_difference"
+        if self.hvp_engine == "auto":
+            return "auto" if self.engine_plan is None else self.engine_plan.engine
+        return self.hvp_engine
+
+    @property
+    def held_graphs(self) -> int:
+        """Gradient graphs held right now (0 outside a session and after :meth:`release`)."""
+        return len(self._held)
 
     def parameters(self) -> Tensor:
         """Current values of the selected parameters as one flat vector (a copy)."""
@@ -276,7 +332,7 @@ class Objective:
     # ------------------------------------------------------------------ public operations
     def loss(self) -> float:
         """Objective value at the current parameters; raises :class:`NonFiniteLossError` if not finite."""
-        with self.session(), torch.no_grad():
+        with self._cleanup_on_error(), self.session(), torch.no_grad():
             value = self._reduce(self._local_losses([None]))[0] / self._total_weight
         self.n_loss += 1
         result = float(value.item())
@@ -286,7 +342,7 @@ class Objective:
 
     def grad(self) -> Tensor:
         """Gradient of the objective at the current parameters, as a flat vector."""
-        with self.session():
+        with self._cleanup_on_error(), self.session():
             g = self._local_grad(None)
         self.n_grad += 1
         g = self._reduce(g)
@@ -298,11 +354,22 @@ class Objective:
         """Hessian-vector product ``H v`` at the current parameters (``v`` flat, same device and dtype)."""
         if v.shape != (self.num_params,):
             raise ValueError(f"v must have shape ({self.num_params},), got {tuple(v.shape)}")
-        v = v.to(device=self.device, dtype=self.dtype)
-        with self.session():
-            hv = self._local_hvp(v)
-        self.n_hvp += 1
-        return self._reduce(hv)
+        return self.hvps(v.reshape(1, -1))[0]
+
+    def hvps(self, vectors: Tensor) -> Tensor:
+        """Products ``H v`` for each row ``v`` of ``vectors`` (shape ``(k, N)``), as rows.
+
+        With the double-backward engines each chunk's graph is built once for all ``k`` vectors,
+        so a block costs about one graph build plus ``k`` backward passes per chunk. Counts ``k``
+        HVPs.
+        """
+        if vectors.dim() != 2 or vectors.shape[1] != self.num_params:
+            raise ValueError(f"vectors must have shape (k, {self.num_params}), got {tuple(vectors.shape)}")
+        vectors = vectors.to(device=self.device, dtype=self.dtype)
+        with self._cleanup_on_error(), self.session():
+            out = self._local_hvps(vectors)
+        self.n_hvp += len(vectors)
+        return self._reduce(out)
 
     def losses_at(self, displacements: Tensor | Iterable[Tensor], *, absolute: bool = False) -> Tensor:
         """Objective values at ``theta + d`` for each displacement ``d`` (rows of a 2-D tensor, or an iterable).
@@ -313,23 +380,29 @@ class Objective:
         returned as they are (never raised), so that a landscape can show where the loss diverges.
         Costs one forward pass of the probe set per point.
         """
-        with self.session(), torch.no_grad():
+        with self._cleanup_on_error(), self.session(), torch.no_grad():
             local = self._local_losses(displacements, absolute=absolute)
         values = self._reduce(local) / self._total_weight
         self.n_loss += int(values.numel())
         return values.to(torch.float64).cpu()
 
     def release(self) -> None:
-        """Drop the cached gradient graph (it is rebuilt on the next HVP if needed)."""
-        self._cache = None
+        """Free everything the objective holds beyond its inputs: gradient graphs and buffer copies.
+
+        Safe at any time; within a session the next HVP rebuilds what it needs. Leaving the
+        outermost session does the same.
+        """
+        self._held = {}
+        self._held_key = None
+        self._buffers = {}
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """Enter the analysis mode once for many operations (what every algorithm here does).
 
         Inside a session the model's modes, grad mode and RNG streams are set up once rather than
-        per product, and the parameters are assumed not to change; on exit everything is
-        restored. Sessions nest.
+        per product, the parameters are assumed not to change, and gradient graphs are reused
+        across products; on exit everything is restored and released. Sessions nest.
         """
         if self._session_depth > 0:
             self._session_depth += 1
@@ -346,9 +419,30 @@ class Objective:
             finally:
                 self._session_depth = 0
                 self._session_key = None
-                self._buffers = {}
+                self.release()
 
     # ------------------------------------------------------------------ internals
+    @contextlib.contextmanager
+    def _cleanup_on_error(self) -> Iterator[None]:
+        """On any error release what is held; on running out of memory also free the failed pass's tensors.
+
+        The error propagates unchanged (``torch.OutOfMemoryError`` and ``MemoryError`` included),
+        so that a caller can recognise it. Its traceback's finished frames are cleared, since
+        their locals (activations, graphs) would otherwise live as long as the exception does,
+        and ``hvp="auto"`` plans the next products with half the memory budget.
+        """
+        try:
+            yield
+        except BaseException as err:
+            self.release()
+            if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+                traceback.clear_frames(err.__traceback__)
+                self.out_of_memory_events += 1
+                if self.hvp_engine == "auto":
+                    self._chunks = None
+                    self.engine_plan = None
+            raise
+
     def _reduce(self, t: Tensor) -> Tensor:
         return self._all_reduce_sum(t) if self._all_reduce_sum is not None else t
 
@@ -442,25 +536,190 @@ class Objective:
             total += flatten(self._grads(loss, leaves, create_graph=False))
         return total
 
-    def _local_hvp(self, v: Tensor) -> Tensor:
+    def _local_hvps(self, vectors: Tensor) -> Tensor:
         engine = self.hvp_engine
         if engine == "auto":
             if self._fallback_reason is None:
                 try:
+                    if self._chunks is None:
+                        self._plan_auto()
                     if not self._verified:
                         self._verify_double_backward()
                     if self._fallback_reason is None:
-                        return self._hvp_cached(v)
+                        return self._chunked_hvps(vectors)
                 except SecondOrderUnavailableError as err:
                     self._fall_back(str(err))
             engine = "finite_difference"
+        if engine in ("cached", "double_backward"):
+            if self._chunks is None:
+                self._plan_fixed(engine)
+            return self._chunked_hvps(vectors)
+        single = self._hvp_forward_over_reverse if engine == "forward_over_reverse" else self._hvp_finite_difference
+        return torch.stack([single(v) for v in vectors])
+
+    # ------------------------------------------------------------------ double-backward engines
+    def _plan_fixed(self, engine: str) -> None:
+        """``"cached"``: one chunk, the whole probe set, held; ``"double_backward"``: one fresh chunk per batch."""
+        pairs = list(zip(self.batches, self._weights))
         if engine == "cached":
-            return self._hvp_cached(v)
-        if engine == "double_backward":
-            return self._hvp_double_backward(v)
-        if engine == "forward_over_reverse":
-            return self._hvp_forward_over_reverse(v)
-        return self._hvp_finite_difference(v)
+            self._set_plan([pairs], 1, None, None, None, None, "hvp='cached': the whole probe set's graph is held")
+        else:
+            chunks = [[pair] for pair in pairs]
+            self._set_plan(chunks, 0, None, None, None, None, "hvp='double_backward': a fresh graph per batch")
+
+    def _set_plan(
+        self,
+        chunks: list[list[tuple[Any, float]]],
+        held: int,
+        micro: int | None,
+        peak: float | None,
+        budget: float | None,
+        training: float | None,
+        reason: str,
+    ) -> None:
+        self._chunks, self._n_held = chunks, held
+        self._held, self._held_key = {}, None
+        name = "cached" if held == len(chunks) else ("double_backward" if held == 0 else "partially_cached")
+        self.engine_plan = EnginePlan(name, len(chunks), held, micro, peak, budget, training, reason)
+
+    def _plan_auto(self) -> None:
+        """Measure the graph bytes of a probe batch and plan chunks within the memory budget."""
+        sizes = [default_batch_size(b) for b in self.batches]
+        j = max(range(len(sizes)), key=sizes.__getitem__)
+        forward, graph, splittable = self._measure_graphs(self.batches[j], sizes[j])
+        training = forward(max(sizes))
+        default = max(training * _BUDGET_PER_TRAINING_STEP, _MIN_BUDGET)
+        budget = (self.memory_budget if self.memory_budget is not None else default) / 2**self.out_of_memory_events
+        counts, micro, held = plan_pieces(sizes, graph, budget, splittable)
+        if micro is not None and not self._splits_exactly(self.batches[j], sizes[j], counts[j]):
+            splittable = False
+            counts, micro, held = plan_pieces(sizes, graph, budget, splittable)
+        pairs = list(zip(self.batches, self._weights))
+        if not counts:
+            peak = sum(graph(n) for n in sizes)
+            self._set_plan([pairs], 1, None, peak, budget, training, "the whole probe set's graph fits the budget")
+            return
+        chunks: list[list[tuple[Any, float]]] = []
+        for (batch, w), n, count in zip(pairs, sizes, counts):
+            pieces = self._pieces(batch, n, count, w) if count > 1 else None
+            chunks.extend([[p] for p in pieces] if pieces else [[(batch, w)]])
+        chunk_sizes = [default_batch_size(c[0][0]) for c in chunks]
+        peak = sum(graph(n) for n in chunk_sizes[:held]) + max(graph(n) for n in chunk_sizes[held:])
+        why = (
+            f"micro-batches of at most {micro} samples"
+            if micro is not None
+            else ("whole batches (they cannot be cut exactly)" if not splittable else "whole batches")
+        )
+        reason = f"{why}; {held} of {len(chunks)} graphs held within the budget"
+        self._set_plan(chunks, held, micro, peak, budget, training, reason)
+
+    def _pieces(self, batch: Any, n: int, count: int, weight: float) -> list[tuple[Any, float]] | None:
+        """``batch`` cut into ``count`` micro-batches weighted by their share of ``batch_size_fn``, or None."""
+        pieces = split_batch(batch, even_sizes(n, count))
+        if pieces is None:
+            return None
+        shares = [float(self._size_fn(p)) for p in pieces]
+        if not all(s > 0 for s in shares):
+            return None
+        total = sum(shares)
+        return [(p, weight * s / total) for p, s in zip(pieces, shares)]
+
+    def _splits_exactly(self, batch: Any, n: int, count: int) -> bool:
+        """Whether the weighted losses of ``batch``'s micro-batches add up to its loss (no batch coupling).
+
+        A loss that couples samples (contrastive losses, BatchNorm on batch statistics) would
+        change when cut; such batches stay whole.
+        """
+        if self.mode == "batch_stats":
+            return False
+        pieces = self._pieces(batch, n, max(count, 2), 1.0)
+        if pieces is None:
+            return False
+        with torch.no_grad():
+            values = self._values()
+            whole = float(_checked(self._batch_loss(values, batch)))
+            parts = [w * float(_checked(self._batch_loss(values, p))) for p, w in pieces]
+        scale = abs(whole) + sum(abs(x) for x in parts)
+        return abs(whole - sum(parts)) <= 1000 * torch.finfo(self.dtype).eps * scale
+
+    def _measure_graphs(self, batch: Any, n: int) -> tuple[GraphCost, GraphCost, bool]:
+        """Bytes saved by the forward pass and by the whole gradient graph, per number of samples.
+
+        Measured on slices of 8 and 16 samples of ``batch`` when it can be cut, else on ``batch``.
+        Returns ``(forward, graph, splittable)``.
+        """
+        fixed = 2.0 * self.num_params * torch.finfo(self.dtype).bits / 8  # the gradient, per parameter and flat
+        if self.mode == "eval" and n >= 4:
+            n2 = min(n - 1, 16)
+            n1 = max(1, n2 // 2)
+            try:
+                small = [split_batch(batch, [m, n - m]) for m in (n1, n2)]
+                if small[0] is not None and small[1] is not None:
+                    f1, g1 = self._graph_bytes(small[0][0])
+                    f2, g2 = self._graph_bytes(small[1][0])
+                    return GraphCost.fit(n1, f1, n2, f2), GraphCost.fit(n1, g1 + fixed, n2, g2 + fixed), True
+            except (torch.OutOfMemoryError, MemoryError, SecondOrderUnavailableError):
+                raise
+            except Exception:  # a model that cannot run a slice: measure the whole batch
+                pass
+        f, g = self._graph_bytes(batch)
+        return GraphCost.fit(n, f, n, f), GraphCost.fit(n, g + fixed, n, g + fixed), False
+
+    def _graph_bytes(self, batch: Any) -> tuple[int, int]:
+        """Bytes autograd saves for ``batch``: by the forward pass, and by it plus the differentiable backward."""
+        leaves = self._leaves()
+        values = self._values(leaves=leaves)
+        exclude = [*self._params, *self.model.buffers(), *values.values(), *tensors_in(batch)]
+        with SavedBytes(exclude) as meter, _math_attention():
+            loss = self._weighted(1.0, self._batch_loss(values, batch))
+            forward = meter.total
+            with _second_order("differentiable gradient graph"):
+                self._grads(loss, leaves, create_graph=True)
+            return forward, meter.total
+
+    def _build_graph(self, chunk: list[tuple[Any, float]]) -> tuple[list[Tensor], Tensor]:
+        """Leaves and the flat differentiable gradient of one chunk's share of the objective."""
+        leaves = self._leaves()
+        values = self._values(leaves=leaves)
+        with _math_attention():
+            loss = sum(
+                (self._weighted(w, self._batch_loss(values, b)) for b, w in chunk),
+                torch.zeros((), dtype=self.dtype, device=self.device),
+            )
+            with _second_order("differentiable gradient graph"):
+                flat_grad = flatten(self._grads(loss, leaves, create_graph=True))
+        return leaves, flat_grad
+
+    def _chunked_hvps(self, vectors: Tensor) -> Tensor:
+        """Products over the planned chunks: held graphs are reused, the others rebuilt and freed at once."""
+        assert self._chunks is not None
+        # Inside a session the parameters are fixed: check the in-place version counters once.
+        key = self._session_key if self._session_key is not None else self._state_key()
+        if self._session_depth > 0:
+            self._session_key = key
+        if self._held_key != key:
+            self._held, self._held_key = {}, key
+        out = torch.zeros_like(vectors)
+        last = len(vectors) - 1
+        for i, chunk in enumerate(self._chunks):
+            hold = i < self._n_held
+            graph = self._held.get(i)
+            if graph is None:
+                graph = self._build_graph(chunk)
+                if hold:
+                    self._held[i] = graph
+            leaves, flat_grad = graph
+            del graph
+            if not flat_grad.requires_grad:  # linear in the parameters: this chunk's Hessian is zero
+                continue
+            for r, v in enumerate(vectors):
+                with _second_order("double backward"):
+                    hv = torch.autograd.grad(
+                        flat_grad, leaves, grad_outputs=v, retain_graph=hold or r < last, allow_unused=True
+                    )
+                out[r] += flatten([torch.zeros_like(x) if h is None else h for h, x in zip(hv, leaves)])
+            del leaves, flat_grad
+        return out
 
     def _verify_double_backward(self) -> None:
         """Check once that double backward gives a symmetric operator; fall back (with a warning) if not.
@@ -476,7 +735,7 @@ class Objective:
         vectors = torch.randn(_CHECK_VECTORS, self.num_params, generator=gen, dtype=torch.float64)
         vectors = vectors.to(self.device, self.dtype)
         self.n_hvp_check += _CHECK_VECTORS
-        products = torch.stack([self._reduce(self._hvp_cached(u)) for u in vectors])
+        products = self._reduce(self._chunked_hvps(vectors))
         ratio = asymmetry(vectors, products)
         self.asymmetry_estimate = ratio
         tol = symmetry_tolerance(self.dtype)
@@ -490,7 +749,7 @@ class Objective:
         self._verified = True
 
     def _fall_back(self, reason: str) -> None:
-        self._cache = None
+        self.release()
         self._fallback_reason = reason
         self._verified = True
         warnings.warn(
@@ -498,46 +757,14 @@ class Objective:
             "accurate on smooth models but can be far off across non-smooth points (ReLU kinks, max-pooling). "
             "Pass hvp='finite_difference' to choose this explicitly and silence the warning.",
             HvpFallbackWarning,
-            stacklevel=5,
+            stacklevel=6,
         )
 
     def _state_key(self) -> tuple[tuple[int, int], ...]:
         tensors = list(self.model.parameters()) + list(self.model.buffers())
         return tuple((t.data_ptr(), t._version) for t in tensors)
 
-    def _hvp_cached(self, v: Tensor) -> Tensor:
-        # Inside a session the parameters are fixed: check the in-place version counters once.
-        key = self._session_key if self._session_key is not None else self._state_key()
-        if self._session_depth > 0:
-            self._session_key = key
-        if self._cache is None or self._cache[0] != key:
-            self._cache = None
-            leaves = self._leaves()
-            values = self._values(leaves=leaves)
-            loss = sum(
-                (self._weighted(w, self._batch_loss(values, b)) for w, b in zip(self._weights, self.batches)),
-                torch.zeros((), dtype=self.dtype, device=self.device),
-            )
-            with _second_order("differentiable gradient graph"):
-                flat_grad = flatten(self._grads(loss, leaves, create_graph=True))
-            self._cache = (key, leaves, flat_grad)
-        _, leaves, flat_grad = self._cache
-        if not flat_grad.requires_grad:
-            return torch.zeros_like(v)
-        with _second_order("double backward"):
-            hv = torch.autograd.grad(flat_grad, leaves, grad_outputs=v, retain_graph=True, allow_unused=True)
-        return flatten([torch.zeros_like(x) if h is None else h for h, x in zip(hv, leaves)])
-
-    def _hvp_double_backward(self, v: Tensor) -> Tensor:
-        total = torch.zeros_like(v)
-        for w, batch in zip(self._weights, self.batches):
-            leaves = self._leaves()
-            loss = self._weighted(w, self._batch_loss(self._values(leaves=leaves), batch))
-            flat_grad = flatten(self._grads(loss, leaves, create_graph=True))
-            if flat_grad.requires_grad:
-                total += flatten(self._grads(flat_grad @ v, leaves, create_graph=False))
-        return total
-
+    # ------------------------------------------------------------------ other engines
     def _hvp_forward_over_reverse(self, v: Tensor) -> Tensor:
         primals = tuple(p.detach() for p in self._params)
         tangents = tuple(unflatten(v, self._params))
@@ -551,7 +778,8 @@ class Objective:
                 return self._weighted(w, self._batch_loss(self._values(leaves=leaves, buffers=buffers), batch))
 
             grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(primals))))
-            hv = torch.func.jvp(grad_fn, primals, tangents)[1]
+            with _math_attention():
+                hv = torch.func.jvp(grad_fn, primals, tangents)[1]
             total += flatten(list(hv))
         return total
 

@@ -591,7 +591,7 @@ class Objective:
         default = max(training * _BUDGET_PER_TRAINING_STEP, _MIN_BUDGET)
         budget = (self.memory_budget if self.memory_budget is not None else default) / 2**self.out_of_memory_events
         counts, micro, held = plan_pieces(sizes, graph, budget, splittable)
-        if micro is not None and not self._splits_exactly(self.batches[j], sizes[j], counts[j]):
+        if micro is not None and not self._splits_exactly(self.batches[j], sizes[j]):
             splittable = False
             counts, micro, held = plan_pieces(sizes, graph, budget, splittable)
         pairs = list(zip(self.batches, self._weights))
@@ -624,17 +624,21 @@ class Objective:
         total = sum(shares)
         return [(p, weight * s / total) for p, s in zip(pieces, shares)]
 
-    def _splits_exactly(self, batch: Any, n: int, count: int) -> bool:
-        """Whether the weighted losses of ``batch``'s micro-batches add up to its loss (no batch coupling).
+    def _splits_exactly(self, batch: Any, n: int) -> bool:
+        """Whether cutting ``batch`` keeps the objective (two halves of a slice add up to its loss).
 
-        A loss that couples samples (contrastive losses, BatchNorm on batch statistics) would
-        change when cut; such batches stay whole.
+        A loss that couples samples (contrastive losses, BatchNorm on batch statistics, a sum
+        divided by a fixed batch size) would change when cut; such batches stay whole. Checked on
+        a slice of at most 16 samples (two small forward passes).
         """
         if self.mode == "batch_stats":
             return False
-        pieces = self._pieces(batch, n, max(count, 2), 1.0)
+        m = min(n, 16)
+        head = batch if m == n else (split_batch(batch, [m, n - m]) or [None])[0]
+        pieces = None if head is None else self._pieces(head, m, 2, 1.0)
         if pieces is None:
             return False
+        batch = head
         with torch.no_grad():
             values = self._values()
             whole = float(_checked(self._batch_loss(values, batch)))

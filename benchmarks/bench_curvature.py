@@ -14,7 +14,12 @@ CNN with BatchNorm in eval mode with a float64 high-precision reference), it mea
 7. errors of every method against the reference; 8. the headline ratios.
 
 Prints readable tables and writes the raw numbers to ``benchmarks/results/curvature.json``.
-Run: ``python benchmarks/bench_curvature.py`` (about 2-4 minutes on 2 CPU cores).
+9. lambda_min's tolerance (issue 10): ``tol_min`` against HVPs against actual error on the planted
+   spectrum of issue 10 (restarted vs unrestarted Lanczos vs ARPACK, shared start vectors) and on
+   the two nets.
+
+Run: ``python benchmarks/bench_curvature.py`` (about 2-4 minutes on 2 CPU cores);
+``--lambda-min-only`` prints only table 9 (``results/lambda_min_tolerance.json``).
 The anchors are optional: ``pip install --no-deps pyhessian hessian-eigenthings``.
 """
 
@@ -223,7 +228,9 @@ def fp64_reference(problem: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     """High-precision reference: our Lanczos in float64 at tol 1e-10 and a float64 Hutch++ trace."""
     model = copy.deepcopy(problem["model"]).double().eval()
     obj = Objective(model, loss_fn, [(problem["x"].double(), problem["y"])], hvp="cached")
-    eig, sec_e = timed(lambda: extremal_eigenpairs(obj, k=2, tol=REF_TOL, max_hvp=3000, max_basis=400, seed=12345))
+    eig, sec_e = timed(
+        lambda: extremal_eigenpairs(obj, k=2, tol=REF_TOL, tol_min=REF_TOL, max_hvp=3000, max_basis=400, seed=12345)
+    )
     tr, sec_t = timed(lambda: hutchinson_trace(obj, n=REF_TRACE_HVPS, method="hutch++", seed=12345))
     ref = {
         "source": f"float64 Lanczos (tol {REF_TOL:g}) + float64 Hutch++ ({REF_TRACE_HVPS} HVPs, seed 12345)",
@@ -884,11 +891,146 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+# ----------------------------------------------------------------------------- lambda_min tolerance (issue 10)
+LMIN_TOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)  # tol_min, relative to the spectral width
+LMIN_STARTS = 5
+LMIN_BOUNDED_BASIS = 30  # the smallest basis auto_max_basis picks (memory bound for very large models)
+
+
+def planted_lambda_min_spectrum(seed: int = 0) -> np.ndarray:
+    """Issue 10's spectrum, N = 1200: 650 eigenvalues in [0.01, 2], outliers 7 and 10, 548 in [-0.5, -0.001]."""
+    gen = np.random.default_rng(seed)
+    return np.concatenate([gen.uniform(0.01, 2.0, 650), [7.0, 10.0], gen.uniform(-0.5, -0.001, 548)])
+
+
+def _arpack_sa(matvec: Callable[[np.ndarray], np.ndarray], n: int, v0: np.ndarray, tol: float) -> tuple[float, int]:
+    count = 0
+
+    def mv(x: np.ndarray) -> np.ndarray:
+        nonlocal count
+        count += 1
+        return matvec(np.asarray(x).reshape(-1))
+
+    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=mv, dtype=np.float64)
+    vals = scipy.sparse.linalg.eigsh(op, k=1, which="SA", tol=tol, v0=v0, return_eigenvectors=False)
+    return float(vals[0]), count
+
+
+def lambda_min_planted_table() -> list[dict[str, Any]]:
+    """tol_min against HVPs against actual error on the planted spectrum, five shared start vectors.
+
+    Solvers at the same absolute tolerance ``tol_min * width`` on lambda_min: our Lanczos with an
+    unbounded basis (never restarts), with the bounded basis (thick restarts), and ARPACK
+    ``eigsh(which="SA")`` (its tolerance is relative to |lambda|, so it gets ``tol_min * width / |lambda_min|``).
+    The operator is diagonal: with Gaussian starts Lanczos sees the same as on any rotation of it.
+    """
+    from lightning_hessian.spectrum import lanczos
+
+    vals = planted_lambda_min_spectrum()
+    n, width, true_min = len(vals), float(vals.max() - vals.min()), float(vals.min())
+    diag = torch.tensor(vals)
+    starts = [np.random.default_rng(1000 + s).standard_normal(n) for s in range(LMIN_STARTS)]
+    rows = []
+    for tol in LMIN_TOLS:
+        out: dict[str, Any] = {"tol_min": tol}
+        for label, basis in (("unrestarted", n), ("restarted", LMIN_BOUNDED_BASIS)):
+            hvps, errs, conv = [], [], []
+            for s, v0 in enumerate(starts):
+                res = lanczos(
+                    lambda v: diag * v,
+                    torch.tensor(v0),
+                    k=1,
+                    tol=1e-4,
+                    tol_min=tol,
+                    max_matvec=2000,
+                    max_basis=basis,
+                    seed=s,
+                )
+                hvps.append(res.n_matvec)
+                errs.append(abs(res.min_value - true_min) / width)
+                conv.append(res.converged_min)
+            out[label] = {
+                "hvp": statistics.mean(hvps),
+                "err": statistics.mean(errs),
+                "err_max": max(errs),
+                "conv": all(conv),
+            }
+        hvps, errs = [], []
+        for v0 in starts:
+            value, count = _arpack_sa(lambda x: vals * x, n, v0, tol * width / abs(true_min))
+            hvps.append(count)
+            errs.append(abs(value - true_min) / width)
+        out["arpack"] = {"hvp": statistics.mean(hvps), "err": statistics.mean(errs), "err_max": max(errs)}
+        out["restart_overhead"] = out["restarted"]["hvp"] / out["unrestarted"]["hvp"] - 1
+        rows.append(out)
+    print(
+        f"\nlambda_min on the planted spectrum (N = {n}, width {width:.3f}, lambda_min {true_min:.5f}); "
+        f"mean over {LMIN_STARTS} Gaussian starts shared by all solvers; errors relative to the width"
+    )
+    print(f"{'tol_min':>8} | {'unrestarted':>22} | {f'restarted, basis {LMIN_BOUNDED_BASIS}':>30} | {'ARPACK SA':>22}")
+    cols = f"{'HVPs':>7} {'err':>7} {'max':>6}"
+    print(f"{'':>8} | {cols} | {'HVPs':>7} {'vs unr.':>7} {'err':>7} {'max':>6} | {cols}")
+    for r in rows:
+        u, b, a = r["unrestarted"], r["restarted"], r["arpack"]
+        print(
+            f"{r['tol_min']:>8.0e} | {u['hvp']:>7.1f} {u['err']:>7.1e} {u['err_max']:>6.0e} | {b['hvp']:>7.1f} "
+            f"{r['restart_overhead']:>+7.1%} {b['err']:>7.1e} {b['err_max']:>6.0e} | "
+            f"{a['hvp']:>7.1f} {a['err']:>7.1e} {a['err_max']:>6.0e}"
+        )
+    return rows
+
+
+def lambda_min_nets_table(problems: list[dict[str, Any]], seeds: int = 3) -> list[dict[str, Any]]:
+    """tol_min against HVPs against actual error of ``extremal_eigenpairs`` on the benchmark nets."""
+    rows = []
+    print(
+        f"\nlambda_min on the benchmark nets: extremal_eigenpairs(tol_min=...), {seeds} seeds; errors against "
+        "the dense (MLP) or float64 Lanczos (CNN) reference, relative to the spectral width"
+    )
+    print(f"{'problem':>10} {'tol_min':>8} | {'HVPs':>6} {'err':>8} {'max err':>8} {'bound ok':>8} {'converged':>9}")
+    for problem in problems:
+        ref = dense_reference(problem) if problem["dense_reference"] else fp64_reference(problem)[0]
+        width = ref["lambda_max"] - ref["lambda_min"]
+        obj = objective(problem)
+        for tol in LMIN_TOLS:
+            hvps, errs, ok, conv = [], [], [], []
+            for seed in range(seeds):
+                res = extremal_eigenpairs(obj, tol_min=tol, seed=seed, max_hvp=400)
+                hvps.append(res.n_hvp)
+                errs.append(abs(res.lambda_min - ref["lambda_min"]) / width)
+                ok.append(abs(res.lambda_min - ref["lambda_min"]) <= res.error_bound_min + 1e-6 * width)
+                conv.append(res.converged_min)
+            r = {
+                "problem": problem["name"],
+                "tol_min": tol,
+                "hvp": statistics.mean(hvps),
+                "err": statistics.mean(errs),
+                "err_max": max(errs),
+                "bound_ok": all(ok),
+                "converged": all(conv),
+            }
+            rows.append(r)
+            print(
+                f"{r['problem']:>10} {tol:>8.0e} | {r['hvp']:>6.1f} {r['err']:>8.1e} {r['err_max']:>8.1e} "
+                f"{'yes' if r['bound_ok'] else 'NO':>8} {'yes' if r['converged'] else 'no':>9}"
+            )
+    return rows
+
+
 def main() -> None:
+    if "--lambda-min-only" in sys.argv:
+        torch.manual_seed(SEED)
+        payload = {"planted": lambda_min_planted_table(), "nets": lambda_min_nets_table([make_mlp(), make_cnn()])}
+        out = RESULTS.with_name("lambda_min_tolerance.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_clean(payload), indent=1))
+        print(f"raw numbers: {out}")
+        return
     t0 = time.perf_counter()
     print(
         f"lightning_hessian {lightning_hessian.__version__}, torch {torch.__version__}, scipy {scipy.__version__}, "
-        f"python {platform.python_version()}, threads {torch.get_num_threads()}, tol {TOL:g}"
+        f"python {platform.python_version()}, threads {torch.get_num_threads()}, tol {TOL:g} "
+        "(lambda_min: the default tol_min, 1e-3 of the spectral width)"
     )
     if not (HAVE_PYHESSIAN and HAVE_EIGTHINGS):
         print("not installed: pip install --no-deps pyhessian hessian-eigenthings  (skipping those rows)")
@@ -902,6 +1044,11 @@ def main() -> None:
         results[problem["name"]] = run_problem(problem)
     print(f"\n{'=' * 100}\nSUMMARY (tol {TOL:g}; errors against the reference of each problem)\n{'=' * 100}")
     summary = {name: ratios(name, res) for name, res in results.items()}
+    total = time.perf_counter() - t0
+    results["lambda_min_tolerance"] = {
+        "planted": lambda_min_planted_table(),
+        "nets": lambda_min_nets_table([make_mlp(), make_cnn()]),
+    }
     total = time.perf_counter() - t0
     print(f"\ntotal wall time {total:.1f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ DEFAULT_BASIS_MEMORY = 2 * 1024**3  # bytes: the default bound on a Lanczos basi
 MIN_AUTO_BASIS = 30  # below this, thick restarts cost over 5 % more HVPs on the planted benchmark spectrum
 MAX_AUTO_BASIS = 100
 _CHUNK_ROWS = 4  # rows converted to float64 at a time when storage differs from the work vectors
+_CHUNK_COLUMNS = 1 << 18  # entries per column slab of an in-place restart
 _SCALED = (torch.float16, torch.bfloat16)
 
 
@@ -129,7 +130,18 @@ class KrylovBasis:
             acc += c64[:, lo : lo + chunk.shape[0]] @ chunk
         return acc.to(self.dtype)
 
-    def replace_front(self, vectors: Tensor) -> None:
-        """Store the rows of ``vectors`` as rows ``0 .. r-1``."""
-        for i in range(vectors.shape[0]):
-            self.set(i, vectors[i])
+    def restart(self, coeffs: Tensor, m: int) -> None:
+        """Replace rows ``0 .. r-1`` by ``coeffs @ rows[:m]`` in place, one slab of columns at a time.
+
+        Each column slab of the new rows depends only on the same slab of the old rows, so the
+        extra memory is ``r`` rows of one slab, not ``r`` whole vectors.
+        """
+        r = coeffs.shape[0]
+        if r > m:
+            raise ValueError(f"a restart keeps at most the {m} current rows, got {r}")
+        c64 = coeffs.to(device=self.storage_device, dtype=torch.float64)
+        for lo in range(0, self.n, _CHUNK_COLUMNS):
+            hi = min(self.n, lo + _CHUNK_COLUMNS)
+            slab = self._rows[:m, lo:hi]
+            new = c64 @ slab.to(torch.float64) if not self.native else coeffs.to(slab) @ slab
+            self._rows[:r, lo:hi] = new.to(self.storage_dtype)

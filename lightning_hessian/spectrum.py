@@ -7,9 +7,11 @@ is reported as converged only when the error bound from its residual ``||H y - t
 the tolerance:
 
 - top values: ``bound <= tol * |theta|`` (relative accuracy);
-- the bottom value: ``bound <= tol * (theta_max - theta_min)``, i.e. relative to the norm of
+- the bottom value: ``bound <= tol_min * (theta_max - theta_min)``, i.e. relative to the norm of
   the shifted operator ``H - lambda_max I`` of Böttcher & Wheeler's Appendix B, whose
-  largest-magnitude eigenvalue ``lambda_min - lambda_max`` is what is resolved there;
+  largest-magnitude eigenvalue ``lambda_min - lambda_max`` is what is resolved there. Its own
+  tolerance defaults to 1e-3 of the width: the bottom sits at the edge of a dense bulk, where
+  each further digit costs many products (``benchmarks/bench_curvature.py`` prints the table);
 
 where ``bound = min(r, r^2 / gap)`` is the Kahan-Parlett-Jiang bound from the residual ``r`` and
 the gap to the other Ritz values (less their residuals), used once a randomly started Krylov
@@ -20,6 +22,12 @@ Residuals and bounds are reported with every value.
 Krylov spaces are shift-invariant, so Lanczos on ``H - lambda_max I`` has the same Ritz vectors as
 on ``H``: when the basis is full before the bottom has converged, the run is thick-restarted
 keeping the Ritz vectors of both ends, which is how the bottom end is refined within the budget.
+
+Memory: the basis holds ``max_basis + 1`` parameter-sized vectors. By default ``max_basis`` is
+chosen from a memory bound (:func:`~lightning_hessian._krylov.auto_max_basis`: 100 vectors when
+they fit 2 GiB, else as many as fit, never fewer than 30), and the basis can live in host
+memory or in a 16-bit format with every projection accumulated in float64
+(:class:`~lightning_hessian._krylov.KrylovBasis`); ``EigenResult.basis_bytes`` states it.
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
+from lightning_hessian._krylov import DEFAULT_BASIS_MEMORY, KrylovBasis, auto_max_basis
 from lightning_hessian.objective import Objective
 
+MIN_BOTTOM_PRODUCTS = 20  # products before lambda_min may be declared converged
 Which = Literal["both", "top"]
 Solver = Literal["lanczos", "arpack"]
 MatVec = Callable[[Tensor], Tensor]
@@ -64,6 +74,8 @@ class EigenResult:
         n_hvp_top: products spent when the top values had converged (``None`` if they never did).
         ritz_values: every Ritz value of the final Krylov space, ascending (a coarse spectrum picture).
         solver, tol, seconds: how it was obtained.
+        tol_min: the tolerance of ``lambda_min`` (relative to the spectral width).
+        max_basis, basis_bytes: Lanczos vectors held at most, and the memory they took.
     """
 
     lambda_max: float
@@ -83,6 +95,9 @@ class EigenResult:
     solver: str
     tol: float
     seconds: float
+    tol_min: float = float("nan")
+    max_basis: int = 0
+    basis_bytes: int = 0
 
     @property
     def converged(self) -> bool:
@@ -112,6 +127,7 @@ class _LanczosOutcome:
     converged_min: bool
     n_matvec: int
     n_matvec_top: int | None
+    basis_bytes: int = 0
 
 
 def extremal_eigenpairs(
@@ -124,24 +140,41 @@ def extremal_eigenpairs(
     *,
     which: Which = "both",
     solver: Solver = "lanczos",
-    max_basis: int = 100,
+    max_basis: int | None = None,
+    tol_min: float = 1e-3,
+    basis_memory: float = DEFAULT_BASIS_MEMORY,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
     """Largest ``k`` eigenvalues and the most negative eigenvalue of the objective's Hessian.
 
     Args:
         objective: the operator (its ``hvp`` is all that is used).
         k: number of largest eigenvalues (with vectors) to converge.
-        tol: residual tolerance, relative to ``|lambda|`` for the top values and to the spectral
-            width ``lambda_max - lambda_min`` for the bottom one.
+        tol: residual tolerance of the top values, relative to ``|lambda|``.
         max_hvp: hard budget of Hessian-vector products; unconverged values say so.
         init: a previous :class:`EigenResult` (warm start from its vectors) or a start vector.
         seed: seeds the random start vector; results are deterministic for a given seed.
         which: ``"both"`` ends, or ``"top"`` only (cheaper when the saddle signal is not wanted).
         solver: ``"lanczos"`` (ours) or ``"arpack"`` (``scipy.sparse.linalg.eigsh`` reference).
-        max_basis: most Lanczos vectors held at once (memory ``max_basis * N``); thick restart beyond.
+        max_basis: most Lanczos vectors held at once (memory ``(max_basis + 1) * N`` numbers); thick
+            restart beyond. ``None``: from ``basis_memory`` (:func:`~lightning_hessian._krylov.auto_max_basis`).
+        tol_min: residual tolerance of ``lambda_min``, relative to the spectral width
+            ``lambda_max - lambda_min``. The default 1e-3 resolves the curve and the sign a monitor
+            needs (a negative Ritz value certifies negative curvature); 1e-4 is the strict value.
+            ``lambda_min`` is never declared converged before ``MIN_BOTTOM_PRODUCTS`` (20) products.
+        basis_memory: bytes the basis may take when ``max_basis`` is ``None`` (default 2 GiB).
+        basis_dtype, basis_device: storage of the basis (default: the parameters' dtype and device);
+            e.g. ``basis_device="cpu"`` for host memory, ``torch.bfloat16`` / ``torch.float16`` for
+            half the memory (accuracy then limited to about that format's precision times ||H||).
     """
-    _check_args(k, tol, max_hvp, which, solver, max_basis)
     n = objective.num_params
+    itemsize = torch.empty((), dtype=basis_dtype or objective.dtype).element_size()
+    if max_basis is None:
+        max_basis = min(auto_max_basis(n, itemsize, basis_memory, minimum=k + 6), max(n, k + 6))
+    _check_args(k, tol, max_hvp, which, solver, max_basis)
+    if not tol_min > 0:
+        raise ValueError(f"tol_min must be positive, got {tol_min!r}")
     if k >= n:
         raise ValueError(f"k={k} must be smaller than the number of parameters ({n})")
     start = time.perf_counter()
@@ -149,7 +182,9 @@ def extremal_eigenpairs(
     v0, warm = _start_vector(init, n, which, seed, objective.device, objective.dtype)
     with objective.session():
         if solver == "arpack":
-            outcome = _arpack(objective.hvp, n, v0, k=k, tol=tol, max_matvec=max_hvp, want_bottom=which == "both")
+            outcome = _arpack(
+                objective.hvp, n, v0, k=k, tol=tol, tol_min=tol_min, max_matvec=max_hvp, want_bottom=which == "both"
+            )
         else:
             run = functools.partial(
                 lanczos,
@@ -157,11 +192,14 @@ def extremal_eigenpairs(
                 v0,
                 k=k,
                 tol=tol,
+                tol_min=tol_min,
                 max_matvec=max_hvp,
                 max_basis=max_basis,
                 want_bottom=which == "both",
                 warm=warm,
                 seed=seed,
+                basis_dtype=basis_dtype,
+                basis_device=basis_device,
             )
             # hvp="auto" checks symmetry itself, on random vectors: Lanczos's own vectors see only
             # a 1/sqrt(N) share of an asymmetry, too little to catch a wrong double backward.
@@ -184,6 +222,9 @@ def extremal_eigenpairs(
         solver=solver,
         tol=tol,
         seconds=time.perf_counter() - start,
+        tol_min=tol_min,
+        max_basis=max_basis,
+        basis_bytes=outcome.basis_bytes,
     )
 
 
@@ -245,7 +286,16 @@ class _Assessment:
 
 
 def _assess(
-    theta: np.ndarray, s: np.ndarray, beta: float, k: int, tol: float, want_bottom: bool, eps: float, refine: bool
+    theta: np.ndarray,
+    s: np.ndarray,
+    beta: float,
+    k: int,
+    tol: float,
+    want_bottom: bool,
+    eps: float,
+    refine: bool,
+    tol_min: float | None = None,
+    bottom_allowed: bool = True,
 ) -> _Assessment:
     """Residuals, error bounds and the convergence verdict of the current Ritz pairs."""
     m = len(theta)
@@ -255,7 +305,8 @@ def _assess(
     top_idx = np.arange(m - 1, max(m - 1 - k, -1), -1)
     top_ok = len(top_idx) == k and bool(np.all(err[top_idx] <= tol * np.maximum(np.abs(theta[top_idx]), 1e-3 * radius)))
     width = max(theta[-1] - theta[0], eps * radius)
-    bottom_ok = (not want_bottom) or (m > k and bool(err[0] <= tol * width))
+    bottom_tol = tol if tol_min is None else tol_min
+    bottom_ok = (not want_bottom) or (bottom_allowed and m > k and bool(err[0] <= bottom_tol * width))
     return _Assessment(theta, s, res, err, top_idx, top_ok, bottom_ok)
 
 
@@ -271,6 +322,9 @@ def lanczos(
     warm: bool = False,
     seed: int = 0,
     symmetry_check: Callable[[float, float], bool] | None = None,
+    tol_min: float | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> _LanczosOutcome:
     """Lanczos with full reorthogonalisation and thick restart on any symmetric ``matvec``.
 
@@ -281,29 +335,30 @@ def lanczos(
     small or biased Krylov space, so the refinement applies only from a random start after
     ``k + 5`` steps; otherwise the bound is the residual itself. ``symmetry_check(a, b)`` receives
     ``v1'H v0`` and ``v0'H v1`` after the second product; returning False raises
-    :class:`AsymmetricOperatorError`.
+    :class:`AsymmetricOperatorError`. ``tol_min`` is the bottom value's tolerance (default ``tol``);
+    ``basis_dtype``/``basis_device`` say where the basis is stored (:class:`KrylovBasis`).
     """
     n = v0.numel()
     dtype, device = v0.dtype, v0.device
     cap = min(max_basis, n)
-    basis = torch.empty(cap + 1, n, dtype=dtype, device=device)
+    basis = KrylovBasis(cap + 1, n, dtype=dtype, device=device, storage_dtype=basis_dtype, storage_device=basis_device)
     proj = np.zeros((cap + 1, cap + 1))  # projected matrix V^T H V (tridiagonal, or arrowhead after restart)
-    basis[0] = v0 / v0.norm()
+    basis.set(0, v0 / v0.norm())
     m = 0  # vectors in the basis whose product has been taken
     restarted = False
     injected = not warm
     n_mv = 0
     n_mv_top: int | None = None
-    eps = float(torch.finfo(dtype).eps)
+    eps = float(torch.finfo(dtype).eps)  # breakdown is judged in the work precision, residuals in the basis's
     while True:
-        w = matvec(basis[m])
+        w = matvec(basis.get(m))
         n_mv += 1
         first_coeff = 0.0
         for sweep in range(2):  # classical Gram-Schmidt, twice: full reorthogonalisation
-            coeffs = basis[: m + 1] @ w
+            coeffs = basis.dot(m + 1, w)
             if sweep == 0 and m == 1:
                 first_coeff = float(coeffs[0])
-            w = w - coeffs @ basis[: m + 1]
+            w = basis.subtract(m + 1, coeffs, w)
             proj[m, m] += float(coeffs[m])
         beta = float(w.norm())
         m += 1
@@ -312,7 +367,11 @@ def lanczos(
         theta, s = _eig_projected(proj[:m, :m], restarted)
         # The gap refinement trusts the neighbouring Ritz values; that needs a Krylov space grown from a
         # random start for a few steps (a warm start space can hide eigenvalues inside the Ritz gap).
-        state = _assess(theta, s, beta, k, tol, want_bottom, eps, refine=not warm and m >= k + 5)
+        # The bottom is never declared converged from fewer than MIN_BOTTOM_PRODUCTS products: in a
+        # smaller Krylov space a well-isolated Ritz value may have converged to the second-lowest
+        # eigenvalue before the lowest one has shown up (seen at tol_min=1e-3 after 7 products).
+        allowed = n_mv >= min(MIN_BOTTOM_PRODUCTS, n)
+        state = _assess(theta, s, beta, k, tol, want_bottom, basis.eps, not warm and m >= k + 5, tol_min, allowed)
         if state.top_ok and n_mv_top is None:
             n_mv_top = n_mv
         breakdown = beta <= 100 * eps * max(abs(theta[0]), abs(theta[-1]), 1e-30)
@@ -324,7 +383,7 @@ def lanczos(
             # Invariant subspace: continue with a fresh random direction (coupling 0).
             w = _random_vector(n, seed + 7919 + n_mv, device, dtype)
             for _ in range(2):
-                w = w - (basis[:m] @ w) @ basis[:m]
+                w = basis.subtract(m, basis.dot(m, w), w)
             beta_next, injected = 0.0, True
             if float(w.norm()) <= eps:
                 break
@@ -336,15 +395,15 @@ def lanczos(
             m = _thick_restart(basis, proj, theta, s, beta_next, w, k, want_bottom)
             restarted = True
             continue
-        basis[m] = w
+        basis.set(m, w)
         proj[m - 1, m] = proj[m, m - 1] = beta_next
     vectors = state.s.T  # rows: coefficients of the Ritz vectors in the basis
     top_idx = state.top_idx
-    top_vectors = _normalise_rows(torch.as_tensor(vectors[top_idx], dtype=dtype, device=device) @ basis[:m])
+    top_vectors = _normalise_rows(basis.combine(torch.as_tensor(vectors[top_idx]), m))
     min_vector = None
     min_value, min_res, min_bound = float("nan"), float("nan"), float("nan")
     if want_bottom:
-        min_vector = _normalise_rows(torch.as_tensor(vectors[:1], dtype=dtype, device=device) @ basis[:m])[0]
+        min_vector = _normalise_rows(basis.combine(torch.as_tensor(vectors[:1]), m))[0]
         min_value, min_res, min_bound = float(theta[0]), float(state.residuals[0]), float(state.bounds[0])
     return _LanczosOutcome(
         ritz=state.theta,
@@ -360,6 +419,7 @@ def lanczos(
         converged_min=want_bottom and state.bottom_ok,
         n_matvec=n_mv,
         n_matvec_top=n_mv_top,
+        basis_bytes=basis.nbytes,
     )
 
 
@@ -396,7 +456,7 @@ def _eig_projected(t: np.ndarray, restarted: bool) -> tuple[np.ndarray, np.ndarr
 
 
 def _thick_restart(
-    basis: Tensor,
+    basis: KrylovBasis,
     proj: np.ndarray,
     theta: np.ndarray,
     s: np.ndarray,
@@ -411,10 +471,8 @@ def _thick_restart(
     keep_bottom = list(range(min(4, m))) if want_bottom else []
     keep = sorted(set(keep_top) | set(keep_bottom))
     p = len(keep)
-    coeff = torch.as_tensor(s[:, keep].T, dtype=basis.dtype, device=basis.device)
-    kept = coeff @ basis[:m]
-    basis[:p] = kept
-    basis[p] = next_vector
+    basis.restart(torch.as_tensor(s[:, keep].T.copy()), m)  # in place: no p extra vectors
+    basis.set(p, next_vector)
     proj[:] = 0.0
     proj[np.arange(p), np.arange(p)] = theta[keep]
     coupling = beta * s[-1, keep]
@@ -433,7 +491,7 @@ class _BudgetExhausted(Exception):
 
 
 def _arpack(
-    matvec: MatVec, n: int, v0: Tensor, *, k: int, tol: float, max_matvec: int, want_bottom: bool
+    matvec: MatVec, n: int, v0: Tensor, *, k: int, tol: float, tol_min: float, max_matvec: int, want_bottom: bool
 ) -> _LanczosOutcome:
     """Reference: ``scipy.sparse.linalg.eigsh`` (which='LA', then which='SA') on a LinearOperator of HVPs."""
     dtype, device = v0.dtype, v0.device
@@ -450,16 +508,16 @@ def _arpack(
     op = scipy.sparse.linalg.LinearOperator((n, n), matvec=mv, dtype=np.float64)  # type: ignore[call-arg]
     start = v0.detach().to(torch.float64).cpu().numpy()
 
-    def solve(which: str, kk: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def solve(which: str, kk: int, tol: float) -> tuple[np.ndarray, np.ndarray] | None:
         try:
             vals, vecs = scipy.sparse.linalg.eigsh(op, k=kk, which=which, tol=tol, v0=start)
         except (_BudgetExhausted, scipy.sparse.linalg.ArpackNoConvergence):
             return None
         return vals, vecs
 
-    top = solve("LA", k)
+    top = solve("LA", k, tol)
     n_top = count if top is not None else None
-    bottom = solve("SA", 1) if want_bottom else None
+    bottom = solve("SA", 1, tol_min) if want_bottom else None
     if top is None:
         vals, vecs = np.full(k, np.nan), np.full((n, k), np.nan)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -28,20 +29,19 @@ def _planted(outliers: tuple[float, ...] = (7.0, 10.0), seed: int = 0) -> np.nda
     return np.concatenate([gen.uniform(0.01, 2.0, 650), outliers, gen.uniform(-0.5, -0.001, n_neg)])
 
 
-def _cases() -> list[tuple[str, Objective, np.ndarray, np.ndarray]]:
-    """(name, objective, sorted dense eigenvalues, dense Hessian)."""
-    out = []
-    for make in (tanh_mlp_case, bn_cnn_case):
-        case = make()
-        h = dense_hessian(case)
-        out.append((case.name, Objective(case.model, case.loss_fn, case.batches), np.linalg.eigvalsh(h.numpy()), h))
-    vals = _planted()
-    model = QuadraticModel(vals)
-    out.append(("planted", Objective(model, quadratic_loss, [None]), np.sort(vals), model.a.clone()))
-    return out
+NAMES = ["tanh_mlp", "bn_cnn", "planted"]
 
 
-CASES = _cases()
+@functools.cache
+def _case(name: str) -> tuple[Objective, np.ndarray, torch.Tensor]:
+    """(objective, sorted dense eigenvalues, dense Hessian), built once per test session."""
+    if name == "planted":
+        vals = _planted()
+        model = QuadraticModel(vals)
+        return Objective(model, quadratic_loss, [None]), np.sort(vals), model.a.clone()
+    case = {"tanh_mlp": tanh_mlp_case, "bn_cnn": bn_cnn_case}[name]()
+    h = dense_hessian(case)
+    return Objective(case.model, case.loss_fn, case.batches), np.linalg.eigvalsh(h.numpy()), h
 
 
 def _wasserstein(estimate: DensityEstimate, eigenvalues: np.ndarray) -> float:
@@ -53,14 +53,15 @@ def _wasserstein(estimate: DensityEstimate, eigenvalues: np.ndarray) -> float:
     return float(np.sum(np.abs(est - true) * np.diff(points)))
 
 
-@pytest.mark.parametrize(("name", "obj", "ev", "h"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(("max_hvp", "n_starts"), [(80, 4), (200, 8)])
-def test_slq_distribution_is_within_wasserstein_tolerance_of_dense_spectrum(name, obj, ev, h, max_hvp, n_starts):
+def test_slq_distribution_is_within_wasserstein_tolerance_of_dense_spectrum(name, max_hvp, n_starts):
     """W1 <= (b - a) / m (quadrature with m nodes) + 3 (b - a) sqrt(1 / (2 N n_starts)) (random starts).
 
     The second term is three standard deviations of the CDF estimate: one start's distribution
     function at t has variance at most F(1 - F) * 2 / N <= 1 / (2N), averaged over the starts.
     """
+    obj, ev, _ = _case(name)
     est = spectral_density(obj, max_hvp=max_hvp, n_starts=n_starts, seed=1)
     width = ev[-1] - ev[0]
     n = len(ev)
@@ -71,10 +72,11 @@ def test_slq_distribution_is_within_wasserstein_tolerance_of_dense_spectrum(name
     assert ev[0] - 1e-5 * width <= est.lambda_min_ritz and est.lambda_max_ritz <= ev[-1] + 1e-5 * width
 
 
-@pytest.mark.parametrize(("name", "obj", "ev", "h"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
-def test_first_two_moments_match_traces_within_their_sampling_error(name, obj, ev, h, distribution):
+def test_first_two_moments_match_traces_within_their_sampling_error(name, distribution):
     """Gauss quadrature is exact to degree 2m - 1: moment p of a start is v'H^p v / v'v, unbiased for tr(H^p)/N."""
+    obj, ev, h = _case(name)
     n_starts = 12
     est = spectral_density(obj, max_hvp=12 * 10, n_starts=n_starts, distribution=distribution, seed=3)
     n = len(ev)
@@ -91,8 +93,9 @@ def test_first_two_moments_match_traces_within_their_sampling_error(name, obj, e
         assert stderr > 0
 
 
-@pytest.mark.parametrize(("name", "obj", "ev", "h"), CASES, ids=[c[0] for c in CASES])
-def test_negative_mass_matches_dense_fraction_of_negative_eigenvalues(name, obj, ev, h):
+@pytest.mark.parametrize("name", NAMES)
+def test_negative_mass_matches_dense_fraction_of_negative_eigenvalues(name):
+    obj, ev, _ = _case(name)
     est = spectral_density(obj, max_hvp=200, n_starts=8, seed=2)
     truth = float(np.mean(ev < 0))
     lower, upper = est.negative_mass_bounds
@@ -134,7 +137,7 @@ def test_count_outliers_cuts_at_the_largest_gap_above_the_bulk() -> None:
 
 def test_three_term_recurrence_keeps_the_quadrature_moments() -> None:
     """Without reorthogonalisation (three vectors of memory) the moments and the distribution stay right."""
-    _, obj, ev, _ = CASES[2]
+    obj, ev, _ = _case("planted")
     full = spectral_density(obj, max_hvp=160, n_starts=4, seed=4)
     plain = spectral_density(obj, max_hvp=160, n_starts=4, seed=4, reorthogonalize=False)
     assert full.reorthogonalized and not plain.reorthogonalized and plain.basis_bytes == 0
@@ -147,7 +150,7 @@ def test_three_term_recurrence_keeps_the_quadrature_moments() -> None:
 
 
 def test_basis_in_bfloat16_or_host_memory_gives_the_same_density() -> None:
-    obj = CASES[2][1]
+    obj = _case("planted")[0]
     ref = spectral_density(obj, max_hvp=120, n_starts=3)
     for kwargs in ({"basis_dtype": torch.bfloat16}, {"basis_dtype": torch.float16}, {"basis_device": "cpu"}):
         other = spectral_density(obj, max_hvp=120, n_starts=3, **kwargs)
@@ -159,7 +162,7 @@ def test_basis_in_bfloat16_or_host_memory_gives_the_same_density() -> None:
 
 
 def test_broadened_density_is_a_probability_density() -> None:
-    est = spectral_density(CASES[0][1], max_hvp=80, n_starts=4)
+    est = spectral_density(_case("tanh_mlp")[0], max_hvp=80, n_starts=4)
     grid, phi = est.density(n_grid=4000)
     assert np.all(phi >= 0)
     assert float(np.trapezoid(phi, grid)) == pytest.approx(1.0, abs=1e-3)
@@ -183,7 +186,7 @@ def test_results_are_deterministic_for_a_seed_and_leave_the_model_untouched() ->
 
 
 def test_arrays_round_trip_rebuilds_the_estimate() -> None:
-    est = spectral_density(CASES[0][1], max_hvp=60, n_starts=3)
+    est = spectral_density(_case("tanh_mlp")[0], max_hvp=60, n_starts=3)
     again = DensityEstimate.from_arrays(est.to_arrays(), est.scalars())
     assert again.negative_mass == est.negative_mass and again.n_outliers == est.n_outliers
     assert all(np.array_equal(x, y) for x, y in zip(again.nodes, est.nodes))
@@ -211,4 +214,4 @@ def test_small_operators_stop_at_an_invariant_subspace() -> None:
 )
 def test_bad_arguments_are_refused(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
-        spectral_density(CASES[2][1], **kwargs)
+        spectral_density(_case("planted")[0], **kwargs)

@@ -202,7 +202,7 @@ def test_result_is_a_frozen_record_with_evidence() -> None:
 
 
 def test_lanczos_detects_a_non_symmetric_operator_and_restarts_on_finite_differences() -> None:
-    """A once-differentiable op makes double backward silently wrong; Lanczos's own products catch it."""
+    """A once-differentiable op makes double backward silently wrong; the objective's symmetry check catches it."""
     from helpers import tanh_mlp_case
     from lightning_hessian import HvpFallbackWarning
     from test_objective import _CustomTanh
@@ -215,7 +215,7 @@ def test_lanczos_detects_a_non_symmetric_operator_and_restarts_on_finite_differe
     with pytest.warns(HvpFallbackWarning, match="not symmetric"):
         result = extremal_eigenpairs(obj, which="top")
     assert obj.active_engine == "finite_difference"
-    assert obj.n_hvp_check == 0  # no separate probe: Lanczos's second product did the check
+    assert obj.n_hvp_check == 4  # hvp="auto" checks symmetry on 4 random vectors (Lanczos's own pair missed some)
     assert result.lambda_max == pytest.approx(exact[-1], rel=1e-2)
 
 
@@ -230,6 +230,178 @@ def test_error_bounds_hold_and_unconverged_values_say_so() -> None:
         assert nearest_max <= result.error_bounds[0] * (1 + 1e-6) + 1e-12
         assert nearest_min <= result.error_bound_min * (1 + 1e-6) + 1e-12
         assert result.error_bounds[0] <= result.residuals[0]
-        if result.converged_min:
-            assert abs(result.lambda_min - vals.min()) <= 1e-4 * (vals.max() - vals.min())
+        if result.converged_min:  # within its own tolerance, 1e-3 of the width by default
+            assert abs(result.lambda_min - vals.min()) <= result.tol_min * (vals.max() - vals.min())
     assert result.converged_min  # the largest budget is enough
+
+
+# ----------------------------------------------------------------------------- lambda_min's tolerance, basis memory
+
+
+def _issue10_spectrum() -> np.ndarray:
+    """N = 1200: 650 eigenvalues in [0.01, 2], outliers 7 and 10, 548 in [-0.5, -0.001] (issue 10)."""
+    gen = np.random.default_rng(0)
+    return np.concatenate([gen.uniform(0.01, 2.0, 650), [7.0, 10.0], gen.uniform(-0.5, -0.001, 548)])
+
+
+def test_lambda_min_has_its_own_tolerance_on_a_planted_spectrum_at_the_edge_of_a_dense_bulk() -> None:
+    vals = _issue10_spectrum()
+    width = vals.max() - vals.min()
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    default = extremal_eigenpairs(obj, max_hvp=300)
+    strict = extremal_eigenpairs(obj, max_hvp=300, tol_min=1e-4)
+    assert default.tol_min == 1e-3 and strict.tol_min == 1e-4 and default.tol == strict.tol == 1e-4
+    assert default.converged and strict.converged
+    assert abs(default.lambda_min - vals.min()) <= 1e-3 * width
+    assert abs(strict.lambda_min - vals.min()) <= 1e-4 * width
+    assert default.error_bound_min <= 1e-3 * width and strict.error_bound_min <= 1e-4 * width
+    assert default.lambda_min < 0  # the sign is certified: the Ritz value is an upper bound on lambda_min
+    assert default.n_hvp < strict.n_hvp
+    assert default.lambda_max == pytest.approx(10.0, rel=1e-4)  # the top keeps its own (strict) tolerance
+
+
+def test_lambda_min_is_not_declared_converged_from_a_tiny_krylov_space() -> None:
+    """At tol_min=1e-3 a well-isolated second-lowest eigenvalue once passed for lambda_min after 7 products."""
+    case = ALL_CASES[1]()
+    ev = _dense_spectrum(case)
+    obj = Objective(case.model, case.loss_fn, case.batches)
+    for seed in range(3):
+        result = extremal_eigenpairs(obj, seed=seed)
+        assert result.converged_min and result.n_hvp >= 20
+        assert abs(result.lambda_min - ev[0]) <= 1e-3 * (ev[-1] - ev[0])
+
+
+def test_default_basis_size_follows_a_memory_bound() -> None:
+    from lightning_hessian._krylov import auto_max_basis, basis_bytes
+
+    assert auto_max_basis(100_000, 4) == 100  # 40 MB
+    assert auto_max_basis(10_000_000, 4) == 52  # 2 GiB / 40 MB - 1
+    assert auto_max_basis(10**9, 4) == 30  # never fewer than 30: the memory is then 31 vectors
+    assert auto_max_basis(10_000_000, 2) == 100
+    assert basis_bytes(52, 10_000_000, 4) <= 2 * 1024**3
+    obj = Objective(QuadraticModel(_planted(300)), quadratic_loss, [None])
+    result = extremal_eigenpairs(obj)
+    assert result.max_basis == 100 and result.basis_bytes == 101 * 300 * 8  # float64 model
+    bounded = extremal_eigenpairs(obj, basis_memory=40 * 300 * 8, max_hvp=400)
+    assert bounded.max_basis == 39 and bounded.basis_bytes == 40 * 300 * 8
+    assert bounded.converged and bounded.lambda_min == pytest.approx(result.lambda_min, abs=1e-3 * 5.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "rel"),
+    [({"basis_device": "cpu"}, 1e-4), ({"basis_dtype": torch.float16}, 2e-3), ({"basis_dtype": torch.bfloat16}, 1e-2)],
+)
+def test_basis_in_host_memory_or_16_bits_gives_the_same_ends(kwargs, rel) -> None:
+    """A 16-bit basis halves (float32 model) or quarters (float64) the memory; accuracy is that format's."""
+    vals = _planted(400, seed=2)
+    width = vals.max() - vals.min()
+    obj = Objective(QuadraticModel(vals, seed=2), quadratic_loss, [None])
+    result = extremal_eigenpairs(obj, max_hvp=400, tol=max(rel, 1e-4), tol_min=max(rel, 1e-3), max_basis=40, **kwargs)
+    assert result.lambda_max == pytest.approx(vals.max(), rel=rel)
+    assert abs(result.lambda_min - vals.min()) <= rel * width + 1e-3 * width
+    assert result.converged_max
+    if "basis_dtype" in kwargs:
+        assert result.basis_bytes == 41 * 400 * 2
+
+
+_MEMORY_PROBE = """
+import json, resource, sys, torch
+from torch import nn
+from lightning_hessian import Objective, extremal_eigenpairs
+from lightning_hessian.density import spectral_density
+
+torch.set_num_threads(1)
+n, what, device = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+
+class Diagonal(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        d = torch.rand(n, generator=g) * 2.5 - 0.5
+        d[:2] = torch.tensor([7.0, 10.0])
+        self.register_buffer("d", d)
+        self.theta = nn.Parameter(torch.randn(n, generator=g))
+
+    def forward(self, _):
+        return 0.5 * (self.d * self.theta**2).sum()
+
+
+def current():
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak():
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+model = Diagonal(n).to(device)
+obj = Objective(model, lambda m, b: m(b), [None], hvp="double_backward")
+start = current()
+if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+with obj.session():
+    obj.hvp(torch.ones(n, device=device))
+    obj.hvp(torch.ones(n, device=device))
+hvp_extra = peak() - start
+base = current()
+if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+if what == "eig":
+    r = extremal_eigenpairs(obj, max_hvp=45, basis_memory=100e6, tol=1e-12, tol_min=1e-12)
+    out = {"basis_bytes": r.basis_bytes, "max_basis": r.max_basis, "n_hvp": r.n_hvp}
+else:
+    r = spectral_density(obj, max_hvp=80, n_starts=2, basis_memory=100e6)
+    out = {"basis_bytes": r.basis_bytes, "n_hvp": r.n_hvp, "reorthogonalized": r.reorthogonalized}
+out.update(extra=peak() - base, hvp_extra=hvp_extra, vector=n * 4)
+print(json.dumps(out))
+"""
+
+
+def _probe_memory(n: int, what: str, device: str) -> dict[str, float]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # A fixed mmap threshold returns every freed vector to the OS at once, so the resident set
+    # follows the live tensors instead of glibc's heap high-water mark.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(n), what, device],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=600,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["eig", "slq"])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
+)
+def test_measurement_on_two_million_parameters_stays_under_the_stated_memory_bound(what, device) -> None:
+    """Stated bound: the basis ((max_basis + 1) N numbers, 0 for SLQ's three-term recurrence), plus
+    at most k + 3 more vectors, plus what one HVP takes anyway. With basis_memory=100 MB and
+    N = 2M float32 (8 MB a vector) the basis is 31 vectors (248 MB), where max_basis=100 would
+    take 808 MB. Peak: resident set size on CPU, torch.cuda.max_memory_allocated on a GPU."""
+    n = 2_000_000
+    got = _probe_memory(n, what, device)
+    vector = got["vector"]
+    if what == "eig":
+        assert got["max_basis"] == 30 and got["basis_bytes"] == 31 * vector
+        assert got["n_hvp"] == 45  # past 30 products: the basis was full and thick-restarted
+    else:
+        assert not got["reorthogonalized"] and got["basis_bytes"] == 0  # 40 vectors did not fit 100 MB
+    bound = got["basis_bytes"] + 4 * vector + got["hvp_extra"]
+    assert got["extra"] <= bound, got
+    assert got["extra"] < 100 * vector  # far below what an unbounded basis of 100 vectors would take

@@ -189,6 +189,7 @@ class _HessianMonitorCore:
         self._resumed_at: int | None = None
         self._warned_once: set[str] = set()
         self._skips_announced = False
+        self._constants_logged = False
         self._objective: Objective | None = None
         self._objective_names: list[str] = []
         self._val_objectives: dict[str, Objective] = {}
@@ -519,6 +520,9 @@ class _HessianMonitorCore:
                         entry.update(artifact.data)
             self.files.record(run_dir, loggers, entry)
             logged = {f"{self.prefix}/{k}": v for k, v in metrics.items()}
+            if not self._constants_logged and self._objective is not None:  # run constants: once, not a flat curve
+                logged[f"{self.prefix}/num_params"] = float(self._objective.num_params)
+                self._constants_logged = True
             sinks.log_scalars(loggers, logged, step)
         for name, out in outputs.items():
             ins = self._by_name[name]

@@ -14,31 +14,33 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_hessian import HessianMonitor, Objective
+from lightning_hessian.instruments import Landscape
 from lightning_hessian.render import render_run
 from lightning_hessian.snapshots import list_snapshots, load_snapshot
 from lightning_models import BNDropoutModule, TanhModule, probe_loader, probe_loss, train_loader, trainer_kwargs
 from logreader_utils import csv_series, tensorboard_accumulator, wandb_offline_run
 
 
-def _monitor(**kwargs: Any) -> HessianMonitor:
-    defaults: dict[str, Any] = dict(
+def _monitor(instruments: list[Any] | None = None, **landscape: Any) -> HessianMonitor:
+    """A monitor with one Landscape instrument (every 4 steps, 5x5 grids unless overridden)."""
+    options: dict[str, Any] = dict(every_n_steps=4, resolution=5)
+    options.update(landscape)
+    return HessianMonitor(
+        instruments=[Landscape(**options), *(instruments or [])],
         every_n_epochs=None,
+        budget=None,
         at_fit_start=False,
         at_fit_end=False,
         probe_dataloader=probe_loader(),
         loss_fn=probe_loss,
-        landscape_every_n_steps=4,
-        landscape_resolution=5,
     )
-    defaults.update(kwargs)
-    return HessianMonitor(**defaults)
 
 
 def test_snapshots_reach_files_tensorboard_and_wandb_at_the_expected_steps(tmp_path: Path, wandb_offline: Any) -> None:
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
     wb = WandbLogger(offline=True, save_dir=str(tmp_path), project="lh-test")
     csv = CSVLogger(tmp_path, name="csv", version=0)
-    monitor = _monitor(landscape_val_dataloader=probe_loader(n=64))
+    monitor = _monitor(val_dataloader=probe_loader(n=64))
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, logger=[tb, wb, csv]), callbacks=[monitor])
     module = TanhModule()
     trainer.fit(module, train_loader())
@@ -75,7 +77,7 @@ def test_snapshots_reach_files_tensorboard_and_wandb_at_the_expected_steps(tmp_p
 
 
 def test_render_command_reproduces_the_frames_from_the_files(tmp_path: Path) -> None:
-    monitor = _monitor(landscape_animation="never")
+    monitor = _monitor(animation="never")
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_steps=8, logger=CSVLogger(tmp_path, version=0)), callbacks=[monitor]
     )
@@ -95,7 +97,7 @@ def test_landscapes_leave_training_bit_identical(tmp_path: Path) -> None:
         return copy.deepcopy(module.state_dict())
 
     plain = run([])
-    monitor = _monitor(landscape_every_n_steps=3, every_n_steps=3)
+    monitor = _monitor(every_n_steps=3)
     watched = run([monitor])
     assert monitor.last_snapshot is not None
     for key, value in plain.items():
@@ -104,7 +106,7 @@ def test_landscapes_leave_training_bit_identical(tmp_path: Path) -> None:
 
 def test_a_hessian_plane_shows_the_saddle_a_random_plane_hides(tmp_path: Path) -> None:
     """At initialisation the tanh net sits near a saddle: the indicators of the two planes disagree."""
-    monitor = _monitor(landscape_every_n_steps=None, landscape_every_n_epochs=1, landscape_resolution=7)
+    monitor = _monitor(every_n_steps=None, every_n_epochs=1, resolution=7)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[monitor])
     trainer.fit(TanhModule(), train_loader())
     snap = monitor.last_snapshot
@@ -121,7 +123,7 @@ def test_resume_continues_the_frame_sequence(tmp_path: Path) -> None:
     kwargs = trainer_kwargs(tmp_path, max_steps=8, enable_checkpointing=True)
     pl.Trainer(**kwargs, callbacks=[first, ckpt]).fit(TanhModule(), train_loader())
     assert [s for s in first.history] == [] and first.last_snapshot is not None
-    random_plane = first._ls_state.random_plane
+    random_plane = first.instruments[0].state.random_plane
 
     second = _monitor()
     resumed = trainer_kwargs(tmp_path, max_steps=16, max_epochs=10, enable_checkpointing=True)
@@ -131,8 +133,8 @@ def test_resume_continues_the_frame_sequence(tmp_path: Path) -> None:
     directory = Path(tmp_path) / "landscape" / "hessian"
     assert [load_snapshot(f).step for f in list_snapshots(directory)] == [4, 8, 12, 16]
     # The same random plane before and after the resume (it was saved, not redrawn at new weights).
-    assert second._ls_state.random_plane is not None and random_plane is not None
-    assert torch.equal(second._ls_state.random_plane[0], random_plane[0])
+    assert second.instruments[0].state.random_plane is not None and random_plane is not None
+    assert torch.equal(second.instruments[0].state.random_plane[0], random_plane[0])
     frames = render_run(directory)
     assert len([p for p in frames if p.suffix == ".png"]) == 4
     assert np.isfinite(load_snapshot(list_snapshots(directory)[-1]).planes["random"].losses).all()
@@ -141,31 +143,27 @@ def test_resume_continues_the_frame_sequence(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"landscape_every_n_steps": 0}, "landscape_every_n_steps must be an integer >= 1"),
-        ({"landscape_resolution": 20}, "resolution must be an odd integer"),
-        ({"landscape_planes": ["random", "pca"]}, "landscape_planes has unknown entries"),
-        ({"landscape_planes": "hessian"}, "landscape_planes must be a non-empty list"),
-        ({"landscape_span": -1.0}, "landscape_span must be a finite positive number"),
-        ({"landscape_animation": "mp4"}, "landscape_animation must be one of 'end', 'always', 'never'"),
+        ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),
+        ({"resolution": 20}, "resolution must be an odd integer"),
+        ({"planes": ["random", "pca"]}, "planes has unknown entries"),
+        ({"planes": "hessian"}, "planes must be a non-empty list"),
+        ({"span": -1.0}, "span must be a finite positive number"),
+        ({"animation": "mp4"}, "animation must be one of 'end', 'always', 'never'"),
     ],
 )
 def test_bad_landscape_arguments_fail_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        HessianMonitor(**kwargs)
+        Landscape(**kwargs)
 
 
 def test_random_plane_options_reach_the_snapshot(tmp_path: Path) -> None:
     """Layer normalisation and orthogonalisation, set on the callback, shape the plane that is drawn."""
     monitor = _monitor(
-        landscape_every_n_steps=None,
-        landscape_every_n_epochs=1,
-        landscape_planes=["random"],
-        landscape_normalization="layer",
-        landscape_orthogonalize=True,
+        every_n_steps=None, every_n_epochs=1, planes=["random"], normalization="layer", orthogonalize=True
     )
     module = TanhModule()
     pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[monitor]).fit(module, train_loader())
-    plane = monitor._ls_state.random_plane
+    plane = monitor.instruments[0].state.random_plane
     assert plane is not None and monitor.last_snapshot is not None
     d1, d2 = plane
     assert abs(float(d1 @ d2)) <= 1e-4 * float(d1.norm() * d2.norm())  # orthogonal

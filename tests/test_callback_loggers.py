@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.logger import Logger
 
 from lightning_hessian import HessianMonitor
+from lightning_hessian.instruments import Eigenvalues
 from lightning_models import TanhModule, dense_spectrum_at, probe_loader, probe_loss, train_loader, trainer_kwargs
 from logreader_utils import (
     csv_series,
@@ -66,6 +67,7 @@ def make_monitor(every_n_steps: int = 3, **kwargs: Any) -> HessianMonitor:
         probe_dataloader=probe_loader(),
         loss_fn=probe_loss,
         on_error="raise",
+        budget=None,
     )
     options.update(kwargs)
     return HessianMonitor(**options)
@@ -160,8 +162,10 @@ def test_three_loggers_match_dense_hessian_at_exact_steps(tmp_path: Path, wandb_
         logged[key] = series
     for key, dense in zip(EIGEN_KEYS, (dense_max, dense_min)):
         assert abs(logged[key][-1][1] - dense) <= 1e-3 * width, (key, logged[key][-1][1], dense)
-    for key in ("negative_ratio", "trace", "trace_stderr", "trace_lower", "trace_upper", "hvp_count", "num_params"):
+    for key in ("negative_ratio", "trace", "trace_stderr", "trace_lower", "trace_upper", "hvp_count", "skipped"):
         assert [s for s, _ in csv_series(csv_path, f"hessian/{key}")] == steps, key
+    # A run constant is logged once, not as a flat curve at every step.
+    assert csv_series(csv_path, "hessian/num_params") == [(0, float(sum(p.numel() for p in model.parameters())))]
 
     # The JSONL record next to the first logger's files.
     assert jsonl_steps(Path(csv_logger.log_dir) / "hessian" / "hessian.jsonl") == steps
@@ -214,7 +218,8 @@ def test_logs_once_per_step_at_global_step(tmp_path: Path) -> None:
     assert [c[0] for c in calls] == steps
     for step, global_step, metrics in calls:
         assert step == global_step
-        assert {f"hessian/{k}" for k in (*EIGEN_KEYS, "trace", "hvp_count", "seconds", "num_params")} <= set(metrics)
+        assert {f"hessian/{k}" for k in (*EIGEN_KEYS, "trace", "hvp_count", "seconds")} <= set(metrics)
+        assert ("hessian/num_params" in metrics) == (step == 0)  # a run constant: logged once
         assert all(isinstance(v, float) for v in metrics.values())
     assert [int(r["step"]) for r in monitor.history] == steps
 
@@ -239,7 +244,7 @@ def test_two_monitors_own_keys_and_one_merged_layout(tmp_path: Path) -> None:
     recorder = RecordingLogger()
     tb_logger = TensorBoardLogger(tmp_path, name="tb")
     whole = make_monitor(3)
-    layer = make_monitor(2, prefix="hess_layer", params="net.4.*", quantities=("eigenvalues", "lambda_min"))
+    layer = make_monitor(2, prefix="hess_layer", params="net.4.*", instruments=[Eigenvalues()])
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_steps=4, logger=[recorder, tb_logger], callbacks=[whole, layer])
     )
@@ -257,7 +262,7 @@ def test_two_monitors_own_keys_and_one_merged_layout(tmp_path: Path) -> None:
             assert step == global_step
             assert all(k.startswith(prefix + "/") for k in metrics), (prefix, sorted(metrics))
             assert not any(k.startswith(other + "/") for k in metrics)
-            assert metrics[f"{prefix}/num_params"] == n
+            assert metrics.get(f"{prefix}/num_params", n) == n
     assert "hess_layer/trace" not in {k for c in recorder.calls for k in c[2]}
 
     acc = tensorboard_accumulator(tb_logger.log_dir)

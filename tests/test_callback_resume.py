@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from lightning_hessian import HessianMonitor, Objective, extremal_eigenpairs
+from lightning_hessian.instruments import Eigenvalues, Trace
 from lightning_models import TanhModule, make_data, probe_loader, probe_loss, trainer_kwargs
 
 # Expected in the mid-epoch case, and the reason values are only compared after an epoch-end resume.
@@ -50,7 +51,14 @@ def _monitor(source: str) -> HessianMonitor:
     probe: dict[str, Any] = (
         {"probe_dataloader": probe_loader()} if source == "probe_dataloader" else {"probe_batches": 2}
     )
-    return HessianMonitor(every_n_steps=EVERY, loss_fn=probe_loss, **probe)  # every_n_epochs=1, at start and end
+    return HessianMonitor(  # also every_n_epochs=1, at start and end
+        instruments=[Eigenvalues(tol=1e-5), Trace()],
+        every_n_steps=EVERY,
+        every_n_epochs=1,
+        budget=None,
+        loss_fn=probe_loss,
+        **probe,
+    )
 
 
 class WeightRecorder(Callback):
@@ -183,7 +191,8 @@ def test_warm_start_survives_resume(
     model = TanhModule()
     model.load_state_dict(second["weights"][step])
     objective = Objective(model, probe_loss, _probe_batches(monitor, source))
-    cold = extremal_eigenpairs(objective, k=1, tol=monitor.config.tol, max_hvp=monitor.config.max_hvp, seed=0)
+    eig = monitor.instruments[0]
+    cold = extremal_eigenpairs(objective, k=1, tol=eig.tol, tol_min=eig.tol_min, max_hvp=eig.max_hvp, seed=0)
     assert cold.converged
     assert _rel(resumed["lambda_max"], cold.lambda_max) < 1e-4, (resumed["lambda_max"], cold.lambda_max)
     assert resumed["lanczos_hvp_count"] < cold.n_hvp, (resumed["lanczos_hvp_count"], cold.n_hvp)
@@ -213,10 +222,9 @@ def test_values_after_resume_match_uninterrupted_run(
 def test_state_dict_round_trips_through_torch_save(reference: dict[str, Any], tmp_path: Path) -> None:
     source = reference["source"]
     state = reference["monitor"].state_dict()
-    assert state["last_step"] == TOTAL and state["last_measured_step"] == TOTAL
-    assert isinstance(state["warm_start"], Tensor) and state["warm_start"].shape == (
-        sum(p.numel() for p in reference["model"].parameters()),
-    )
+    assert state["last_measured_step"] == TOTAL and state["scheduler"]["slots"]["eigenvalues"]["last_run"] == TOTAL
+    warm = state["instruments"]["eigenvalues"]["warm_start"]
+    assert isinstance(warm, Tensor) and warm.shape == (sum(p.numel() for p in reference["model"].parameters()),)
     assert (len(state["probe"]) == 2) == (source == "captured")
     path = tmp_path / "hessian_state.pt"
     torch.save(state, path)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from batch_types import ContainerModule, container_loader, container_loss
 from lightning_hessian import HessianMonitor
+from lightning_hessian.instruments import Eigenvalues, Landscape
 from lightning_models import TanhModule, probe_loader, probe_loss, train_loader, trainer_kwargs
 
 # ----------------------------------------------------------------------------- resume with batch containers
@@ -29,7 +30,13 @@ from lightning_models import TanhModule, probe_loader, probe_loss, train_loader,
 
 def _container_fit(root: Path, kind: str, max_steps: int, ckpt_path: str | None = None) -> HessianMonitor:
     pl.seed_everything(0, verbose=False)
-    monitor = HessianMonitor(every_n_steps=2, loss_fn=container_loss, probe_batches=2, quantities=["eigenvalues"])
+    monitor = HessianMonitor(
+        every_n_steps=2,
+        loss_fn=container_loss,
+        probe_batches=2,
+        instruments=[Eigenvalues(lambda_min=False)],
+        budget=None,
+    )
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
     trainer = pl.Trainer(
         **trainer_kwargs(
@@ -55,7 +62,7 @@ def test_resume_works_with_any_batch_container(tmp_path: Path, kind: str, caplog
     else:  # restored as the same container type with the same tensors: the same operator as before
         assert steps == [1, 2, 4, 6]
         assert len(state["probe"]) == 2
-        before, after = first._probe, second._probe
+        before, after = first.probe.batches, second.probe.batches
         assert [type(b) for b in after] == [type(b) for b in before]
         for b, a in zip(before, after):
             for key in ("x", "y"):
@@ -92,7 +99,7 @@ def test_training_step_fallback_leaves_stateful_metrics_untouched(tmp_path: Path
         return module
 
     plain = run([])
-    monitor = HessianMonitor(every_n_steps=2, probe_batches=2)  # no loss_fn: the training_step fallback
+    monitor = HessianMonitor(every_n_steps=2, probe_batches=2, budget=None)  # no loss_fn: training_step fallback
     monitored = run([monitor])
     assert len(monitor.history) >= 2
     assert monitored.acc.tp.item() + monitored.acc.fn.item() == plain.acc.tp.item() + plain.acc.fn.item() == 5 * 32
@@ -106,7 +113,7 @@ def test_probe_loader_may_be_the_training_loader_itself(tmp_path: Path) -> None:
         pl.seed_everything(5, verbose=False)
         module = TanhModule()
         loader = train_loader(seed=11)  # shuffles with its own generator
-        monitor = HessianMonitor(every_n_steps=3, probe_dataloader=loader, loss_fn=probe_loss)
+        monitor = HessianMonitor(every_n_steps=3, probe_dataloader=loader, loss_fn=probe_loss, budget=None)
         callbacks = [monitor] if with_monitor else []
         trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=callbacks))
         trainer.fit(module, loader)
@@ -130,7 +137,7 @@ class FailingLogger(CSVLogger):
 
 
 def test_jsonl_is_written_even_when_a_logger_raises(tmp_path: Path) -> None:
-    monitor = HessianMonitor(every_n_steps=2, probe_dataloader=probe_loader(), loss_fn=probe_loss)
+    monitor = HessianMonitor(every_n_steps=2, probe_dataloader=probe_loader(), loss_fn=probe_loss, budget=None)
     logger = FailingLogger(str(tmp_path), name="csv", version=0)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, max_epochs=-1, logger=logger, callbacks=[monitor]))
     with pytest.warns(UserWarning, match="logger backend unreachable.*kept in `history`"):
@@ -148,10 +155,8 @@ def _crash_resume_fit(root: Path, max_steps: int, ckpt_path: str | None = None) 
         every_n_epochs=None,
         probe_dataloader=probe_loader(),
         loss_fn=probe_loss,
-        quantities=["eigenvalues"],
-        landscape_every_n_steps=4,
-        landscape_resolution=3,
-        landscape_planes=["random"],
+        instruments=[Eigenvalues(lambda_min=False), Landscape(every_n_steps=4, resolution=3, planes=["random"])],
+        budget=None,
     )
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
     trainer = pl.Trainer(
@@ -172,7 +177,7 @@ def test_resume_after_a_crash_writes_every_step_exactly_once(tmp_path: Path) -> 
     steps = [json.loads(line)["step"] for line in (tmp_path / "hessian" / "hessian.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6, 8, 10]
     frames = sorted(p.name for p in (tmp_path / "landscape" / "hessian").glob("step_*.npz"))
-    assert frames == ["step_000000004.npz", "step_000000008.npz"]
+    assert frames == ["step_000000000.npz", "step_000000004.npz", "step_000000008.npz", "step_000000010.npz"]
     assert not leftover.exists()
 
 
@@ -183,9 +188,8 @@ def test_data_files_get_the_loggers_permissions(tmp_path: Path) -> None:
             every_n_steps=2,
             probe_dataloader=probe_loader(),
             loss_fn=probe_loss,
-            landscape_every_n_steps=2,
-            landscape_resolution=3,
-            landscape_planes=["random"],
+            instruments=[Eigenvalues(), Landscape(every_n_steps=2, resolution=3, planes=["random"])],
+            budget=None,
         )
         trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, max_epochs=-1, callbacks=[monitor]))
         trainer.fit(TanhModule(), train_loader())
@@ -201,7 +205,7 @@ def test_data_files_get_the_loggers_permissions(tmp_path: Path) -> None:
 
 
 def test_a_reused_monitor_starts_each_fit_afresh(tmp_path: Path) -> None:
-    monitor = HessianMonitor(every_n_steps=2, every_n_epochs=None, probe_batches=2, loss_fn=probe_loss)
+    monitor = HessianMonitor(every_n_steps=2, every_n_epochs=None, probe_batches=2, loss_fn=probe_loss, budget=None)
     runs = []
     for seed in (0, 1):
         pl.seed_everything(seed, verbose=False)
@@ -219,13 +223,13 @@ def test_a_reused_monitor_starts_each_fit_afresh(tmp_path: Path) -> None:
 def test_short_runs_measure_with_what_was_captured_and_say_so(
     tmp_path: Path, overrides: dict[str, Any], expected_steps: list[int]
 ) -> None:
-    monitor = HessianMonitor(loss_fn=probe_loss, probe_batches=4)
+    monitor = HessianMonitor(loss_fn=probe_loss, probe_batches=4, log_spaced=False, budget=None)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[monitor], **overrides))
     with pytest.warns(UserWarning, match="after only 1 of probe_batches=4 batches") as record:
         trainer.fit(TanhModule(), train_loader())
     assert sum("probe_batches=4" in str(w.message) for w in record) == 1  # once, not per measurement
     assert [int(h["step"]) for h in monitor.history] == expected_steps
-    assert len(monitor._probe) == 1
+    assert len(monitor.probe.batches) == 1
 
 
 # ----------------------------------------------------------------------------- messages at setup
@@ -246,7 +250,11 @@ def test_strategy_subclasses_are_accepted() -> None:
     ("kwargs", "module", "message"),
     [
         ({"params": "encoder.*"}, TanhModule, r"params='encoder.\*' matches no trainable parameter; available names"),
-        ({"k": 400}, TanhModule, r"k=400 must be smaller than the number of selected parameters \(327\)"),
+        (
+            {"instruments": [Eigenvalues(k=400, max_hvp=500)]},
+            TanhModule,
+            r"k=400 must be smaller than the number of selected\s+parameters \(327\)",
+        ),
         ({}, "complex", "complex ones"),
     ],
 )
@@ -256,8 +264,6 @@ def test_setup_checks_what_the_model_makes_knowable(kwargs: dict[str, Any], modu
         module.extra = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     else:
         module = module()
-    if "k" in kwargs:
-        kwargs["max_hvp"] = 500
     with pytest.raises(ValueError, match=message):
         HessianMonitor(loss_fn=probe_loss, **kwargs).setup(_fake_trainer("SingleDeviceStrategy"), module, "fit")
 
@@ -283,10 +289,15 @@ class _OutOfMemoryOnce:
 def test_out_of_memory_is_a_skipped_measurement_that_says_what_to_change(
     tmp_path: Path, error: type[BaseException]
 ) -> None:
-    monitor = HessianMonitor(every_n_steps=2, probe_dataloader=probe_loader(), loss_fn=_OutOfMemoryOnce(error))
+    monitor = HessianMonitor(
+        every_n_steps=2, probe_dataloader=probe_loader(), loss_fn=_OutOfMemoryOnce(error), budget=None
+    )
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, max_epochs=-1, callbacks=[monitor]))
     with pytest.warns(UserWarning, match=r"step 0 ran out of memory and was skipped.*hvp='double_backward'.*params="):
         trainer.fit(TanhModule(), train_loader())
     assert trainer.global_step == 4  # training went on
-    assert [int(h["step"]) for h in monitor.history] == [2, 4]  # and so did measuring, with a fresh objective
+    # The eigenvalues at step 0 were skipped; the trace at step 0 (a fresh objective) and later steps were not.
+    assert [int(h["step"]) for h in monitor.history] == [0, 2, 4]
+    assert "lambda_max" not in monitor.history[0] and "trace" in monitor.history[0]
+    assert all("lambda_max" in h for h in monitor.history[1:])
     assert monitor._n_failed == 1

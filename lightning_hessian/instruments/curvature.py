@@ -96,6 +96,8 @@ class Eigenvalues(Instrument):
             "lambda_max_converged": float(eigen.converged_max),
             "lanczos_hvp_count": float(eigen.n_hvp),
         }
+        if eigen.n_hvp_top is not None:  # products until the top converged: what a warm start saves
+            metrics["lanczos_hvp_top"] = float(eigen.n_hvp_top)
         for i, value in enumerate(eigen.eigenvalues[1:], start=2):
             metrics[f"lambda_{i}"] = value
         if self.lambda_min and eigen.vector_min is not None:

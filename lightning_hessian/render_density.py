@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from lightning_hessian._files import atomic_write
 from lightning_hessian.blocks import BlockSpectrum
@@ -134,6 +135,19 @@ def _linear_width(records: Sequence[DensityRecord]) -> float:
     return max(0.01 * biggest, 1e-12)
 
 
+def _asinh_ticks(low: float, high: float, width: float) -> list[float]:
+    """0 and the powers of ten beyond 1.5 linear widths on each side (readable labels on an asinh axis)."""
+    ticks = [0.0] if low <= 0 <= high else []
+    for sign, end in ((1.0, high), (-1.0, -low)):
+        if end <= 0:
+            continue
+        k = math.ceil(math.log10(1.5 * width))
+        while 10.0**k <= end:
+            ticks.append(sign * 10.0**k)
+            k += 1
+    return sorted(ticks)
+
+
 def density_evolution_figure(
     items: Sequence[DensityRecord | DensityEstimate | tuple[int, DensityEstimate]],
     *,
@@ -197,6 +211,8 @@ def density_evolution_figure(
     )
     if yscale == "asinh":
         ax.set_yscale("asinh", linear_width=width)
+        ax.set_yticks(_asinh_ticks(float(y[0]), float(y[-1]), width))
+        ax.yaxis.set_minor_locator(NullLocator())
     ax.set_ylim(float(y[0]), float(y[-1]))
     lo_marks = np.array([_ends(r)[0] for r in records])
     hi_marks = np.array([_ends(r)[1] for r in records])

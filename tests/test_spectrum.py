@@ -405,3 +405,28 @@ def test_measurement_on_two_million_parameters_stays_under_the_stated_memory_bou
     bound = got["basis_bytes"] + 4 * vector + got["hvp_extra"]
     assert got["extra"] <= bound, got
     assert got["extra"] < 100 * vector  # far below what an unbounded basis of 100 vectors would take
+
+
+@pytest.mark.parametrize(
+    ("storage", "atol"), [(None, 1e-12), (torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]
+)
+def test_krylov_basis_products_and_in_place_restart_match_dense_algebra(storage, atol) -> None:
+    from lightning_hessian._krylov import KrylovBasis
+
+    gen = torch.Generator().manual_seed(0)
+    n, m = 700_000, 6  # more entries than one restart slab
+    rows, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
+    basis = KrylovBasis(m + 1, n, dtype=torch.float64, device=torch.device("cpu"), storage_dtype=storage)
+    for i in range(m):
+        basis.set(i, rows[:, i])
+    w = torch.randn(n, generator=gen, dtype=torch.float64)
+    coeffs = basis.dot(m, w)
+    torch.testing.assert_close(coeffs, rows.T @ w, atol=atol * float(w.norm()), rtol=0)
+    rest = basis.subtract(m, coeffs, w)
+    assert float((rows.T @ rest).abs().max()) <= atol * float(w.norm())
+    mix = torch.randn(3, m, generator=gen, dtype=torch.float64)
+    expected = mix @ rows.T
+    assert float((basis.combine(mix, m) - expected).norm()) <= atol * float(expected.norm())
+    basis.restart(mix, m)  # in place, slab by slab
+    for i in range(3):
+        assert float((basis.get(i) - expected[i]).norm()) <= atol * float(expected[i].norm())

@@ -45,7 +45,7 @@ from matplotlib.contour import QuadContourSet
 from matplotlib.figure import Figure, FigureBase
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from PIL import Image
 
 from lightning_hessian._files import atomic_write
@@ -584,6 +584,9 @@ def _draw_line(ax: Axes, name: str, line: Line, snapshot: Snapshot, scales: Scal
     use_log = scales.line_log and any(_usable(v, True).any() for _, v, _ in series)
     if use_log:
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=6))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: _fmt(y)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     mid = len(ts) // 2
     n_bad = 0
     for label, values, style in series:

@@ -25,8 +25,8 @@ from lightning_hessian._agreement import AgreedCollectives, PeerFailedError
 from lightning_hessian._params import select_parameters
 from lightning_hessian._probe import load_probe_dataloader, resolve_loss_fn
 from lightning_hessian._probe_set import ProbeSet
-from lightning_hessian.instruments import Eigenvalues, Instrument, StepResult, Trace, eigen_provider, ordered
-from lightning_hessian.instruments.base import InstrumentOutput, StepContext
+from lightning_hessian.instruments import Eigenvalues, Instrument, StepResult, eigen_provider, ordered
+from lightning_hessian.instruments.base import Artifact, InstrumentOutput, StepContext
 from lightning_hessian.instruments.landscape import Landscape
 from lightning_hessian.objective import HvpEngine, Objective
 from lightning_hessian.run_files import RunFiles
@@ -50,7 +50,9 @@ class _HessianMonitorCore:
 
     Args:
         instruments: what to measure (:mod:`lightning_hessian.instruments`); default
-            ``[Eigenvalues(), Trace()]``: lambda_max, lambda_min and the Hutch++ trace.
+            ``[Eigenvalues()]``: lambda_max every time, lambda_min every fourth time (the cheapest
+            curve that still shows the saddle signal). Add ``Trace()``, ``Landscape()``,
+            ``OptimizerCurvature()``... as needed; each gets an equal share of the budget.
         every_n_steps: the instruments' cadence in optimizer steps (an instrument's own cadence
             takes precedence); ``None``: not on a step schedule.
         every_n_epochs: cadence in epochs; ``"auto"`` (default): every epoch when ``every_n_steps``
@@ -118,7 +120,7 @@ class _HessianMonitorCore:
     ) -> None:
         super().__init__()
         if instruments is None:
-            instruments = [Eigenvalues(), Trace()]
+            instruments = [Eigenvalues()]
         if isinstance(instruments, Instrument) or not isinstance(instruments, (list, tuple)) or not instruments:
             raise ValueError(
                 "instruments must be a non-empty list of instruments, e.g. [Eigenvalues(), Trace()]; got "
@@ -190,6 +192,8 @@ class _HessianMonitorCore:
         self._warned_once: set[str] = set()
         self._skips_announced = False
         self._constants_logged = False
+        self._hvp_seconds: float | None = None
+        self._pl_module: Any = None
         self._objective: Objective | None = None
         self._objective_names: list[str] = []
         self._val_objectives: dict[str, Objective] = {}
@@ -242,6 +246,7 @@ class _HessianMonitorCore:
             )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._pl_module = pl_module
         self._fit_started_at = self._clock()
         self._measure_seconds = 0.0
         self._objective = None
@@ -269,12 +274,12 @@ class _HessianMonitorCore:
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.at_fit_start and self.probe.complete:
-            self._run(trainer, pl_module, self.scheduler.unbudgeted(int(trainer.global_step)))
+            self._run(trainer, pl_module, self.scheduler.at_fit_start(int(trainer.global_step)))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.probe.capture(trainer, batch) and self.at_fit_start:
             # before this batch's update: the start of training
-            self._run(trainer, pl_module, self.scheduler.unbudgeted(int(trainer.global_step)))
+            self._run(trainer, pl_module, self.scheduler.at_fit_start(int(trainer.global_step)))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.sanity_checking:
@@ -291,9 +296,14 @@ class _HessianMonitorCore:
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._settle_probe(trainer, "the end of training")
-        if self.at_fit_end:
-            self._run(trainer, pl_module, self.scheduler.unbudgeted(int(trainer.global_step)))
+        if self.at_fit_end and self.probe.complete:
+            step = int(trainer.global_step)
+            if self.scheduler.needs_replan or any(slot.runs == 0 for slot in self.scheduler.slots.values()):
+                self._plan_budget(trainer, step)
+            self._run(trainer, pl_module, self.scheduler.at_fit_end(step))
         if trainer.is_global_zero:
+            for ins in self.instruments:
+                self._guarded_io(trainer, f"the {ins.name} summary", functools.partial(self._summarise, trainer, ins))
             for ins in self.instruments:
                 if isinstance(ins, Landscape) and ins.animation != "never" and self.files.frames:
                     animate = functools.partial(
@@ -301,6 +311,13 @@ class _HessianMonitorCore:
                     )
                     self._guarded_io(trainer, "the landscape animation", animate)
         self._drop_objectives()
+        self._pl_module = None
+
+    def _summarise(self, trainer: Any, ins: Instrument) -> None:
+        out = ins.summary()
+        if out is not None:
+            for artifact in out.artifacts:
+                self._publish_artifact(self._run_dir(trainer), trainer.loggers, artifact, int(trainer.global_step))
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._drop_objectives()
@@ -465,10 +482,41 @@ class _HessianMonitorCore:
         """Rank zero turns the budget into next-allowed steps; every rank applies the same numbers."""
         if self.budget is None:
             return
-        plan = self.scheduler.plan(step, self._train_seconds(), step)
+        estimates = self._first_cost_estimates(trainer)
+        plan = self.scheduler.plan(step, self._train_seconds(), step, estimates)
         if int(trainer.world_size) > 1:
             plan = trainer.strategy.broadcast(plan, src=0)
         self.scheduler.apply(plan)
+
+    def _first_cost_estimates(self, trainer: Any) -> dict[str, float]:
+        """Seconds each not-yet-run instrument is expected to take: its expected HVPs times one HVP's time.
+
+        One HVP is timed once per fit (on every rank, under the agreement: it is a collective under
+        DDP); if that fails, an HVP is taken to cost three training steps.
+        """
+        fresh = [name for name, slot in self.scheduler.slots.items() if slot.runs == 0]
+        if not fresh or not self.probe.complete:
+            return {}
+        if self._hvp_seconds is None:
+            self._hvp_seconds = self._time_one_hvp(trainer)
+        return {name: self._by_name[name].expected_hvps() * self._hvp_seconds for name in fresh}
+
+    def _time_one_hvp(self, trainer: Any) -> float:
+        module = self._pl_module
+        started = self._clock()
+
+        def one() -> None:
+            objective = self._make_objective(module)
+            with objective.session():
+                objective.hvp(objective.parameters() * 0 + 1)
+
+        ok, _ = self._guarded(trainer, "timing one Hessian-vector product", lambda: self._agreed(one))
+        seconds = self._clock() - started
+        self._measure_seconds += seconds
+        if ok:
+            return seconds
+        step_seconds = self._train_seconds() / max(int(trainer.global_step), 1)
+        return 3.0 * step_seconds
 
     def _record(
         self,
@@ -529,8 +577,14 @@ class _HessianMonitorCore:
             for artifact in out.artifacts:
                 if artifact.kind == "snapshot" and isinstance(ins, Landscape):
                     self.files.snapshot(run_dir, loggers, artifact.data, ins.log_scale, ins.animation == "always")
-                elif artifact.kind == "image":
-                    sinks.log_image(loggers, f"{self.prefix}/{artifact.name}", artifact.data, step)
+                else:
+                    self._publish_artifact(run_dir, loggers, artifact, step)
+
+    def _publish_artifact(self, run_dir: Path, loggers: Sequence[Any], artifact: Artifact, step: int) -> None:
+        if artifact.kind == "image":
+            sinks.log_image(loggers, f"{self.prefix}/{artifact.name}", artifact.data, step)
+        elif artifact.kind == "save":
+            artifact.data(run_dir / artifact.name / self.prefix)
 
     # ------------------------------------------------------------------ failures
     def _agreed(self, fn: Callable[[], Any]) -> Any:

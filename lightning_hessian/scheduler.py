@@ -10,7 +10,8 @@ training time so far. After a run it may run again from the first step at which,
 training-step time so far, its spending plus one more run of the same cost fits its share. A
 measurement that is due before then is *postponed*: it stays pending and runs at the first
 allowed step; further due points while it is pending are coalesced. Both count as skipped.
-Measurements at the start and the end of fit are not budgeted (the first tells the cost).
+The start and the end of fit are due points like the others. An instrument that has not run yet
+is planned with an estimated cost (its expected HVPs times the time of one timed HVP).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Scheduler:
     ) -> None:
         self.cadences = dict(cadences)
         self.budget = budget
-        w = {name: (weights or {}).get(name, 1.0) for name in cadences}
+        w = {name: float((weights or {}).get(name, 1.0)) for name in cadences}
         total = sum(w.values()) or 1.0
         self.shares = {name: (budget or 0.0) * w[name] / total for name in cadences}
         self.slots = {name: _Slot() for name in cadences}
@@ -83,9 +84,24 @@ class Scheduler:
                 self._request(name, step)
         return self._runnable(step)
 
-    def unbudgeted(self, step: int) -> list[str]:
-        """Every instrument not yet run at ``step`` (fit start and end: not budgeted)."""
-        return [name for name, slot in self.slots.items() if slot.last_run != step]
+    def at_fit_start(self, step: int) -> list[str]:
+        """Every instrument is due. Without a budget all run now; with one, no training step has been
+        timed yet, so they wait for the first plan (each then runs once its estimated cost fits)."""
+        if self.budget is None:
+            return [name for name, slot in self.slots.items() if slot.last_run != step]
+        for name in self.slots:
+            self._request(name, step)
+        self._due_now = set()  # waiting for a plan is not a skip yet
+        self.needs_replan = True
+        return []
+
+    def at_fit_end(self, step: int) -> list[str]:
+        """Every instrument is due; with a budget, those that fit run (plan first)."""
+        if self.budget is None:
+            return [name for name, slot in self.slots.items() if slot.last_run != step]
+        for name in self.slots:
+            self._request(name, step)
+        return self._runnable(step)
 
     def _request(self, name: str, step: int) -> None:
         slot = self.slots[name]
@@ -117,8 +133,13 @@ class Scheduler:
         slot.last_cost = seconds
         slot.runs += 1
 
-    def plan(self, step: int, train_seconds: float, train_steps: int) -> dict[str, int]:
-        """Rank zero: the step from which each instrument fits its share again (to broadcast and :meth:`apply`)."""
+    def plan(
+        self, step: int, train_seconds: float, train_steps: int, estimates: dict[str, float] | None = None
+    ) -> dict[str, int]:
+        """Rank zero: the step from which each instrument fits its share again (to broadcast and :meth:`apply`).
+
+        ``estimates``: predicted seconds of instruments that have not run yet (their first cost).
+        """
         self.train_seconds = train_seconds
         if self.budget is None:
             return {}
@@ -130,9 +151,10 @@ class Scheduler:
         plan = {}
         for name, slot in self.slots.items():
             share = self.shares[name]
-            needed = (slot.spent + slot.last_cost) / share - train_seconds if share > 0 else math.inf
+            cost = slot.last_cost if slot.runs else (estimates or {}).get(name, 0.0)
+            needed = (slot.spent + cost) / share - train_seconds if share > 0 else math.inf
             if needed <= 0:
-                plan[name] = step + 1
+                plan[name] = step + (1 if slot.last_run == step else 0)
             elif not math.isfinite(needed):
                 plan[name] = step + 1_000_000_000
             else:

@@ -132,3 +132,9 @@ def trainer_kwargs(tmp_path: Any, **overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def plain_probe_loss(module, batch):  # type: ignore[no-untyped-def]
+    """A loss_fn as users write it in a hurry: no annotations (LightningCLI must accept it)."""
+    x, y = batch
+    return nn.functional.cross_entropy(module(x), y)

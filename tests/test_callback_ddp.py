@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ddp_helpers import DestroyProcessGroupAtTeardown, RankRecordingLogger, ddp_train_loader, rank_one_fails_loss
 from lightning_hessian import HessianMonitor
+from lightning_hessian.instruments import Eigenvalues, Trace
 from lightning_models import TanhModule, dense_spectrum_at, probe_loader, probe_loss, train_loader, trainer_kwargs
 
 pytestmark = [
@@ -39,14 +40,12 @@ pytestmark = [
 MAX_STEPS = 4
 EVERY = 2
 EXPECTED_STEPS = [0, 2, 4]  # at_fit_start (0), every 2 steps (2, 4); at_fit_end at 4 must not repeat it
-MONITOR_KWARGS: dict[str, Any] = dict(
-    loss_fn=probe_loss,
-    quantities=("eigenvalues", "lambda_min", "trace"),
-    tol=1e-5,
-    max_hvp=150,
-    trace_hvp=30,
-    seed=3,
-)
+MONITOR_KWARGS: dict[str, Any] = dict(loss_fn=probe_loss, seed=3, budget=None)
+
+
+def _instruments(lambda_min: bool = True, trace: bool = True) -> list[Any]:
+    chosen: list[Any] = [Eigenvalues(lambda_min=lambda_min, tol=1e-5, tol_min=1e-4, max_hvp=150)]
+    return [*chosen, Trace(n_hvp=30)] if trace else chosen
 
 
 def _monitor(**overrides: Any) -> HessianMonitor:
@@ -56,6 +55,7 @@ def _monitor(**overrides: Any) -> HessianMonitor:
         every_n_epochs=None,
         at_fit_start=True,
         at_fit_end=True,
+        instruments=_instruments(),
         **MONITOR_KWARGS,
     )
     kwargs.update(overrides)
@@ -66,7 +66,7 @@ def _single_process_measurement(state: dict[str, Tensor], tmp: Path) -> dict[str
     """One single-process measurement on ``state``'s weights: at_fit_start, before any optimizer step."""
     model = TanhModule()
     model.load_state_dict(state)
-    monitor = _monitor(every_n_steps=None, at_fit_end=False)
+    monitor = _monitor(every_n_steps=None, log_spaced=False, at_fit_end=False)
     trainer = pl.Trainer(**trainer_kwargs(tmp, max_steps=1, callbacks=[monitor]))
     trainer.fit(model, train_loader())
     assert [int(h["step"]) for h in monitor.history] == [0], monitor.history
@@ -214,7 +214,7 @@ def _spawned(fn: Any) -> Any:
 def test_a_failure_on_one_rank_is_a_skip_on_every_rank(tmp_path: Path) -> None:
     pl.seed_everything(1234)
     csv_logger = CSVLogger(str(tmp_path), name="csv", version=0)
-    monitor = _monitor(loss_fn=rank_one_fails_loss, quantities=("eigenvalues",), at_fit_end=False)
+    monitor = _monitor(loss_fn=rank_one_fails_loss, instruments=_instruments(False, False), at_fit_end=False)
     trainer = _ddp_trainer(tmp_path, [monitor], max_steps=4, logger=[csv_logger])
     _spawned(lambda: trainer.fit(TanhModule(), ddp_train_loader()))  # returns: no rank was left waiting
     log_dir = Path(csv_logger.log_dir)
@@ -233,7 +233,12 @@ def _resume_run(root: Path, max_steps: int, ckpt_path: str | None = None) -> dic
     pl.seed_everything(1234)
     model = TanhModule(lr=0.05)
     monitor = HessianMonitor(
-        every_n_steps=2, every_n_epochs=None, probe_batches=2, loss_fn=probe_loss, quantities=("eigenvalues",), tol=1e-6
+        instruments=[Eigenvalues(lambda_min=False, tol=1e-6)],
+        every_n_steps=2,
+        every_n_epochs=None,
+        probe_batches=2,
+        loss_fn=probe_loss,
+        budget=None,
     )
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
     csv_logger = CSVLogger(str(root), name="csv", version=0)

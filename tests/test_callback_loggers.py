@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.logger import Logger
 
 from lightning_hessian import HessianMonitor
-from lightning_hessian.instruments import Eigenvalues
+from lightning_hessian.instruments import Eigenvalues, Trace
 from lightning_models import TanhModule, dense_spectrum_at, probe_loader, probe_loss, train_loader, trainer_kwargs
 from logreader_utils import (
     csv_series,
@@ -68,6 +68,7 @@ def make_monitor(every_n_steps: int = 3, **kwargs: Any) -> HessianMonitor:
         loss_fn=probe_loss,
         on_error="raise",
         budget=None,
+        instruments=[Eigenvalues(lambda_min_every=1), Trace()],
     )
     options.update(kwargs)
     return HessianMonitor(**options)

@@ -52,7 +52,7 @@ def _monitor(source: str) -> HessianMonitor:
         {"probe_dataloader": probe_loader()} if source == "probe_dataloader" else {"probe_batches": 2}
     )
     return HessianMonitor(  # also every_n_epochs=1, at start and end
-        instruments=[Eigenvalues(tol=1e-5), Trace()],
+        instruments=[Eigenvalues(tol=1e-5, lambda_min_every=1), Trace()],
         every_n_steps=EVERY,
         every_n_epochs=1,
         budget=None,

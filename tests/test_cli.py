@@ -1,7 +1,7 @@
 """HessianMonitor configured from YAML through LightningCLI (both Lightning flavours); the saved config round trip.
 
 ``tests/cli_config.yaml`` (``cli_config_unified.yaml`` for ``lightning.pytorch``) puts the callback in
-``trainer.callbacks`` with ``loss_fn: lightning_models.probe_loss``, a string import path that
+``trainer.callbacks`` with ``loss_fn: lightning_models.plain_probe_loss``, a string import path that
 jsonargparse must resolve to the function through the ``loss_fn`` type hint. The CLI runs in
 process (``args=[...]``); ``tests/`` is on ``sys.path`` (conftest), so test modules import by name.
 """
@@ -20,22 +20,24 @@ import pytest
 import torch
 
 import lightning_hessian
-from lightning_models import dense_spectrum_at, probe_loss
+from lightning_hessian.instruments import Eigenvalues, Trace
+from lightning_models import dense_spectrum_at, plain_probe_loss
 
 HERE = Path(__file__).parent
 INIT_ARGS = (
     "every_n_steps",
     "every_n_epochs",
+    "log_spaced",
+    "budget",
     "at_fit_start",
     "at_fit_end",
-    "config",
     "loss_fn",
     "probe_dataloader",
     "probe_batches",
     "params",
     "hvp",
     "mode",
-    "max_overhead",
+    "seed",
     "prefix",
     "on_error",
     "allow_untested",
@@ -137,10 +139,11 @@ def test_cli_yaml_configures_and_runs_the_monitor(flavour: Flavour, first_run: t
     cli, _ = first_run
     (monitor,) = _monitors(cli, flavour)
     # The YAML's init_args arrived typed: loss_fn is the function itself, not its import path.
-    assert monitor.loss_fn is probe_loss
-    assert monitor.every_n_steps == 2 and monitor.every_n_epochs is None
-    assert monitor.config.quantities == ("eigenvalues", "trace")
-    assert monitor.config.k == 2 and monitor.config.tol == pytest.approx(1e-5)
+    assert monitor.loss_fn is plain_probe_loss  # an unannotated function is accepted
+    assert monitor.every_n_steps == 2 and monitor.every_n_epochs is None and monitor.budget is None
+    eig, trace = monitor.instruments  # nested class_path / init_args
+    assert isinstance(eig, Eigenvalues) and isinstance(trace, Trace)
+    assert eig.k == 2 and eig.tol == pytest.approx(1e-5) and not eig.lambda_min and trace.n_hvp == 20
     assert monitor.prefix == "hess" and monitor.probe_batches == 2
     assert cli.trainer.global_step == 4
 
@@ -172,7 +175,8 @@ def test_saved_config_reloads_to_the_same_monitor(flavour: Flavour, first_run: t
     saved = Path(first.trainer.log_dir) / "config.yaml"
     assert saved.is_file()
     text = saved.read_text()
-    assert "lightning_models.probe_loss" in text and "Unable to serialize" not in text
+    assert "lightning_models.plain_probe_loss" in text and "Unable to serialize" not in text
+    assert "lightning_hessian.instruments.Eigenvalues" in text
 
     # `fit --config <saved config.yaml>`: the callback comes back configured identically, and (seed_everything: 0)
     # reproduces the first run's measurements.
@@ -180,7 +184,9 @@ def test_saved_config_reloads_to_the_same_monitor(flavour: Flavour, first_run: t
     (reloaded,) = _monitors(second, flavour)
     assert reloaded is not original
     assert _configuration(reloaded) == _configuration(original)
-    assert reloaded.loss_fn is probe_loss
+    assert reloaded.loss_fn is plain_probe_loss
+    options = [{k: v for k, v in vars(i).items() if not k.startswith("_")} for i in original.instruments]
+    assert [{k: v for k, v in vars(i).items() if not k.startswith("_")} for i in reloaded.instruments] == options
     assert reloaded.state_key == original.state_key  # a checkpoint of the first run resumes into it
     assert Path(second.trainer.log_dir) != Path(first.trainer.log_dir)
     assert [h["step"] for h in reloaded.history] == [h["step"] for h in original.history]

@@ -24,8 +24,10 @@ class Artifact:
     """Something an instrument produced besides scalars: ``kind`` says what the monitor does with it.
 
     ``"snapshot"``: a landscape :class:`~lightning_hessian.snapshots.Snapshot` (saved as ``.npz``,
-    drawn as images, animated); ``"image"``: an HxWx3 uint8 array logged as an image; ``"record"``:
-    JSON-able data added to the step's record in the run's JSONL file.
+    drawn as images, animated); ``"image"``: an HxWx3 uint8 array logged as an image under
+    ``{prefix}/{name}``; ``"record"``: JSON-able data added to the step's record in the run's JSONL
+    file; ``"save"``: a function ``data(directory: Path) -> None`` that writes the instrument's own
+    data files into ``<run dir>/<name>/<prefix>/`` (rank zero; the monitor picks the directory).
     """
 
     kind: str
@@ -133,8 +135,17 @@ class Instrument:
         """Measure at this step; return named metrics and optional artifacts."""
         raise NotImplementedError(f"{type(self).__name__} must implement run(ctx)")
 
+    def expected_hvps(self) -> float:
+        """Rough cost of one run in Hessian-vector products (a forward pass counts about 1/3): the
+        budget plans an instrument's first run with it, before its real cost is known."""
+        return 10.0
+
     def check(self, num_params: int) -> None:
         """Fail early (at the monitor's setup) when the options cannot work for this many parameters."""
+
+    def summary(self) -> InstrumentOutput | None:
+        """At the end of fit: artifacts that summarise the whole run (e.g. a picture over training)."""
+        return None
 
     def reset(self) -> None:
         """Forget what one fit accumulated (warm starts, fixed planes); called at the start of each fit."""

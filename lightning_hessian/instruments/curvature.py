@@ -21,6 +21,9 @@ class Eigenvalues(Instrument):
         k: number of largest eigenvalues (``lambda_2``... are logged too).
         lambda_min: also the most negative eigenvalue and ``negative_ratio`` (more products: the
             bottom of the spectrum converges more slowly than the top).
+        lambda_min_every: take ``lambda_min`` at every this many measurements (1: every time); in
+            between only the top is converged, which costs a third to a half as much. A Hessian
+            landscape plane always gets both ends.
         tol: residual tolerance of the top values, relative to ``|lambda_max|``. The default 1e-3
             draws a curve to three digits at a fraction of the strict cost; 1e-5 for a reference.
         tol_min: tolerance of ``lambda_min``, relative to the spectral width.
@@ -41,6 +44,7 @@ class Eigenvalues(Instrument):
         self,
         k: int = 1,
         lambda_min: bool = True,
+        lambda_min_every: int = 4,
         tol: float = 1e-3,
         tol_min: float = 1e-3,
         max_hvp: int = 100,
@@ -51,6 +55,7 @@ class Eigenvalues(Instrument):
         super().__init__(every_n_steps, every_n_epochs)
         self.k = _validate.positive_int("k", k)
         self.lambda_min = _validate.flag("lambda_min", lambda_min)
+        self.lambda_min_every = _validate.positive_int("lambda_min_every", lambda_min_every)
         self.tol = _validate.positive_float("tol", tol, below=1.0)
         self.tol_min = _validate.positive_float("tol_min", tol_min, below=1.0)
         self.max_hvp = _validate.positive_int("max_hvp", max_hvp)
@@ -62,6 +67,13 @@ class Eigenvalues(Instrument):
         self.warm_start = _validate.flag("warm_start", warm_start)
         self._warm: EigenResult | Tensor | None = None
         self._warm_names: list[str] | None = None
+        self._runs = 0
+
+    def expected_hvps(self) -> float:
+        return 30.0 if self._wants_bottom() else 10.0
+
+    def _wants_bottom(self) -> bool:
+        return self.lambda_min and self._runs % self.lambda_min_every == 0
 
     def check(self, num_params: int) -> None:
         if self.k >= num_params:
@@ -70,7 +82,7 @@ class Eigenvalues(Instrument):
     def compute_eigen(self, ctx: StepContext, both_ends: bool | None = None) -> EigenResult:
         """Run Lanczos once for this step and share the result (``ctx.shared["eigen"]``)."""
         objective = ctx.objective
-        both = self.lambda_min or bool(both_ends)
+        both = self._wants_bottom() or bool(both_ends)
         warm = self._warm if self.warm_start and self._warm_names == objective.param_names else None
         if isinstance(ctx.shared.get("eigen"), EigenResult):  # continue this step's top-only run
             warm = ctx.shared["eigen"]
@@ -89,7 +101,8 @@ class Eigenvalues(Instrument):
         return eigen
 
     def run(self, ctx: StepContext) -> InstrumentOutput:
-        eigen = ctx.eigenpairs(both_ends=self.lambda_min)
+        eigen = ctx.eigenpairs(both_ends=self._wants_bottom())
+        self._runs += 1
         metrics = {
             "lambda_max": eigen.lambda_max,
             "lambda_max_residual": eigen.residuals[0],
@@ -100,7 +113,7 @@ class Eigenvalues(Instrument):
             metrics["lanczos_hvp_top"] = float(eigen.n_hvp_top)
         for i, value in enumerate(eigen.eigenvalues[1:], start=2):
             metrics[f"lambda_{i}"] = value
-        if self.lambda_min and eigen.vector_min is not None:
+        if eigen.vector_min is not None:
             metrics["lambda_min"] = eigen.lambda_min
             metrics["lambda_min_residual"] = eigen.residual_min
             metrics["lambda_min_converged"] = float(eigen.converged_min)
@@ -112,18 +125,23 @@ class Eigenvalues(Instrument):
         return InstrumentOutput(metrics, (Artifact("record", "spectrum", record),))
 
     def reset(self) -> None:
-        self._warm, self._warm_names = None, None
+        self._warm, self._warm_names, self._runs = None, None, 0
 
     def state_dict(self) -> dict[str, Any]:
         warm = self._warm
         if isinstance(warm, EigenResult):  # one start vector holding every converged direction
             parts = [*warm.eigenvectors, *([] if warm.vector_min is None else [warm.vector_min])]
             warm = torch.stack(parts).sum(0)
-        return {"warm_start": None if warm is None else warm.detach().cpu(), "warm_start_params": self._warm_names}
+        return {
+            "warm_start": None if warm is None else warm.detach().cpu(),
+            "warm_start_params": self._warm_names,
+            "runs": self._runs,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._warm = state.get("warm_start")
         self._warm_names = state.get("warm_start_params")
+        self._runs = int(state.get("runs", 0))
 
 
 class Trace(Instrument):
@@ -151,6 +169,9 @@ class Trace(Instrument):
         super().__init__(every_n_steps, every_n_epochs)
         self.method = _validate.choice("method", method, ("hutch++", "hutchinson"))
         self.n_hvp = _validate.positive_int("n_hvp", n_hvp, minimum=3)
+
+    def expected_hvps(self) -> float:
+        return float(self.n_hvp + 2)
 
     def run(self, ctx: StepContext) -> InstrumentOutput:
         estimate = hutchinson_trace(ctx.objective, n=self.n_hvp, method=self.method, seed=ctx.seed)  # type: ignore[arg-type]
@@ -184,6 +205,9 @@ class SlopeFitTrace(Instrument):
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs)
         self.directions = _validate.positive_int("directions", directions, minimum=2)
+
+    def expected_hvps(self) -> float:
+        return self.directions * 4 / 3  # about four probe forward passes per direction
 
     def run(self, ctx: StepContext) -> InstrumentOutput:
         estimate = slope_fit_trace(ctx.objective, n_directions=self.directions, seed=ctx.seed)

@@ -83,6 +83,10 @@ class Landscape(Instrument):
         )
         self.state = FrameState()
 
+    def expected_hvps(self) -> float:
+        grids = len(self.planes) * self.resolution**2 * (2 if self.val_dataloader is not None else 1)
+        return grids / 3 + (30.0 if "hessian" in self.planes else 0.0)
+
     def run(self, ctx: StepContext) -> InstrumentOutput:
         eigen = ctx.eigenpairs(both_ends=True) if "hessian" in self.planes else None
         config = self.config if self.config.seed == ctx.seed else _with_seed(self.config, ctx.seed)

@@ -75,6 +75,26 @@ def test_explicit_engines_keep_their_plans(engine: str) -> None:
     assert obj.n_hvp_check == 0
 
 
+@pytest.mark.parametrize("engine", ["auto", "cached", "double_backward", "forward_over_reverse", "finite_difference"])
+def test_a_block_of_products_equals_the_products_one_by_one(engine: str) -> None:
+    case = tanh_mlp_case()
+    obj = Objective(case.model, case.loss_fn, case.batches, hvp=engine, memory_budget=2.0**13)  # type: ignore[arg-type]
+    vectors = torch.randn(3, obj.num_params, generator=torch.Generator().manual_seed(0))
+    block = obj.hvps(vectors)
+    assert obj.n_hvp == 3
+    for v, row in zip(vectors, block):
+        assert torch.allclose(obj.hvp(v), row, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"vectors must have shape \(k, "):
+        obj.hvps(vectors[0])
+
+
+@pytest.mark.parametrize("budget", [0, -1.0, float("inf"), float("nan"), True, "1e9"])
+def test_a_bad_memory_budget_fails_at_construction(budget: object) -> None:
+    case = tanh_mlp_case()
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes or None"):
+        Objective(case.model, case.loss_fn, case.batches, memory_budget=budget)  # type: ignore[arg-type]
+
+
 def test_default_budget_holds_the_whole_graph_of_a_small_probe_set() -> None:
     case = bn_cnn_case()
     obj = Objective(case.model, case.loss_fn, case.batches)

@@ -207,7 +207,12 @@ def plan_pieces(
         micro = graph.largest_within(budget, largest)
     counts = [max(1, math.ceil(n / micro)) for n in sizes]
     chunk_bytes = [graph(s) for n, c in zip(sizes, counts) for s in even_sizes(n, c)]
+    return counts, (micro if micro < largest else None), held_within(chunk_bytes, budget)
+
+
+def held_within(chunk_bytes: Sequence[float], budget: float) -> int:
+    """How many leading chunks can keep their graphs while the largest other one is rebuilt, within ``budget``."""
     held = 0
     while held < len(chunk_bytes) - 1 and sum(chunk_bytes[: held + 1]) + max(chunk_bytes[held + 1 :]) <= budget:
         held += 1
-    return counts, (micro if micro < largest else None), held
+    return held

@@ -23,6 +23,7 @@ from lightning_hessian._engines import (
     GraphCost,
     SavedBytes,
     even_sizes,
+    held_within,
     plan_pieces,
     split_batch,
     tensors_in,
@@ -603,8 +604,9 @@ class Objective:
         for (batch, w), n, count in zip(pairs, sizes, counts):
             pieces = self._pieces(batch, n, count, w) if count > 1 else None
             chunks.extend([[p] for p in pieces] if pieces else [[(batch, w)]])
-        chunk_sizes = [default_batch_size(c[0][0]) for c in chunks]
-        peak = sum(graph(n) for n in chunk_sizes[:held]) + max(graph(n) for n in chunk_sizes[held:])
+        chunk_bytes = [graph(default_batch_size(c[0][0])) for c in chunks]
+        held = held_within(chunk_bytes, budget)  # again: a batch that could not be cut stays whole
+        peak = sum(chunk_bytes[:held]) + max(chunk_bytes[held:])
         why = (
             f"micro-batches of at most {micro} samples"
             if micro is not None

@@ -1,7 +1,9 @@
 """Command line: ``python -m lightning_hessian render RUN_DIR [--out DIR] [--log-scale | --linear] [--clip X] ...``.
 
 ``render`` re-draws saved landscape snapshots (PNG per snapshot plus ``animation.gif``, one
-colour scale across frames) without touching a model: rendering never computes.
+colour scale across frames) and saved spectra (spectral densities, the density over training,
+block spectra: :func:`lightning_hessian.render_density.render_spectra`) without touching a model:
+rendering never computes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,33 @@ def _levels(text: str) -> int:
     return value
 
 
+def spectra_dirs(directory: Path) -> list[Path]:
+    """Folders with saved spectra: ``directory`` and its sub-folders down to two levels (``spectra/<prefix>/``).
+
+    A folder counts when it holds ``blocks_*.json`` files or ``step_*.npz`` files that are
+    spectral densities (they have ``nodes``; landscape snapshots, named alike, do not).
+    """
+    import numpy as np
+
+    from lightning_hessian.spectra_files import list_blocks, list_densities
+
+    def holds_spectra(folder: Path) -> bool:
+        if list_blocks(folder):
+            return True
+        densities = list_densities(folder)
+        if not densities:
+            return False
+        with np.load(densities[0], allow_pickle=False) as data:
+            return "nodes" in data.files
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    candidates = [directory, *sorted(p for p in directory.glob("*") if p.is_dir())]
+    candidates += sorted(p for p in directory.glob("*/*") if p.is_dir())
+    return [folder for folder in candidates if holds_spectra(folder)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m lightning_hessian`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -50,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     render = commands.add_parser(
         "render",
-        help="re-render saved landscape snapshots to PNGs and an animated GIF",
+        help="re-render saved landscape snapshots to PNGs and an animated GIF, and saved spectra",
         description=(
             "Render every landscape snapshot (step_*.npz) of RUN_DIR to a PNG, plus animation.gif, "
             "with each plane's colour scale and extent fixed across all frames. RUN_DIR is a "
             "snapshot directory or a run directory with landscape/<prefix>/ folders (each prefix "
-            "is rendered)."
+            "is rendered). Saved spectra (spectral densities and block spectra in RUN_DIR or in its "
+            "sub-folders up to two levels down, such as spectra/<prefix>/) are re-drawn too: a PNG "
+            "per file and density_evolution.png; the landscape options do not apply to them."
         ),
     )
     render.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="snapshot directory or run directory")
@@ -100,12 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (2 for usage errors and when no snapshot is found)."""
     args = build_parser().parse_args(argv)
     if args.command == "render":
-        from lightning_hessian.render import NoSnapshotsError, render_run
+        from lightning_hessian.render import NoSnapshotsError, render_run, snapshot_dirs
+        from lightning_hessian.render_density import render_spectra
 
-        try:
-            paths = render_run(
-                args.run_dir,
-                out=args.out,
+        def landscape(directory: Path, out: Path | None) -> list[Path]:
+            return render_run(
+                directory,
+                out=out,
                 log_scale=args.log_scale,
                 clip=args.clip,
                 fps=args.fps,
@@ -114,8 +146,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shared_scale=args.shared_scale,
                 percentiles=tuple(args.percentiles),
             )
+
+        spectra = spectra_dirs(args.run_dir)
+        landscapes = snapshot_dirs(args.run_dir)
+        kept = [d for d in landscapes if d not in spectra]  # density files are step_*.npz too
+        try:
+            if kept == landscapes and (landscapes or not spectra):
+                paths = landscape(args.run_dir, args.out)
+            else:
+                paths = []
+                for source in kept:
+                    target = None if args.out is None else args.out / source.name
+                    paths += landscape(source, target)
+            for source in spectra:
+                target = None if args.out is None else args.out / source.relative_to(args.run_dir)
+                paths += render_spectra(source, target)
         except NoSnapshotsError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {exc}; no spectra (step_*.npz densities, blocks_*.json) either", file=sys.stderr)
             return 2
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)

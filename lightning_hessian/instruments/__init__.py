@@ -15,6 +15,7 @@ from lightning_hessian.instruments.base import Artifact, Instrument, InstrumentO
 from lightning_hessian.instruments.curvature import Eigenvalues, SlopeFitTrace, Trace
 from lightning_hessian.instruments.landscape import Landscape
 from lightning_hessian.instruments.optimizer import HessianDiagonal, OptimizerCurvature, StepCurvature
+from lightning_hessian.instruments.spectra import BlockSpectrum, SpectralDensity
 from lightning_hessian.objective import Objective
 
 
@@ -82,6 +83,7 @@ def run_instruments(
 
 __all__ = [
     "Artifact",
+    "BlockSpectrum",
     "Eigenvalues",
     "HessianDiagonal",
     "Instrument",
@@ -89,6 +91,7 @@ __all__ = [
     "Landscape",
     "OptimizerCurvature",
     "SlopeFitTrace",
+    "SpectralDensity",
     "StepContext",
     "StepCurvature",
     "StepResult",

@@ -584,7 +584,9 @@ def _draw_line(ax: Axes, name: str, line: Line, snapshot: Snapshot, scales: Scal
     use_log = scales.line_log and any(_usable(v, True).any() for _, v, _ in series)
     if use_log:
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=6))
+        lo, hi = scales.line_limits or (1.0, 1.0)
+        wide = lo > 0 and hi / lo > 10.0**AUTO_LOG_DECADES
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: _fmt(y)))
         ax.yaxis.set_minor_formatter(NullFormatter())
     mid = len(ts) // 2

@@ -438,6 +438,15 @@ def test_in_a_lightning_fit_spectra_are_logged_saved_rerendered_and_training_is_
         assert abs(last[f"block/{block}/lambda_max"] - exact) <= row["error_bound"] + 1e-4 * abs(exact) + 1e-6
         assert abs(last[f"block/{block}/trace"] - float(torch.trace(sub))) <= 4 * row["trace_stderr"] + 1e-5
 
+    # The monitor's state (what a checkpoint holds) loads with weights_only=True and restores the warm starts.
+    buffer = io.BytesIO()
+    torch.save(monitor.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = HessianMonitor(instruments=[SpectralDensity(), BlockSpectrum()], loss_fn=probe_loss)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    warm = fresh.instruments[1].state_dict()["warm_start"]
+    assert set(warm) == {"net.0", "net.2", "net.4"} and all(isinstance(v, Tensor) for v in warm.values())
+
     # Files: one density and one block spectrum per measurement, the picture over training; they re-render.
     spectra = Path(tb.log_dir) / "spectra" / "hessian"
     assert [load_density(p).step for p in list_densities(spectra)] == expected

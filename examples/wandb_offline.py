@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian import HessianMonitor
+from lightning_hessian.instruments import Eigenvalues, Trace
 
 
 def cross_entropy(module: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -60,7 +61,14 @@ def main() -> None:
     probe = DataLoader(TensorDataset(x[:256], y[:256]), batch_size=256)  # held out, fixed: comparable curves
 
     logger = WandbLogger(offline=True, project="lightning-hessian-demo", save_dir="runs")
-    monitor = HessianMonitor(every_n_steps=20, every_n_epochs=None, probe_dataloader=probe, loss_fn=cross_entropy)
+    monitor = HessianMonitor(
+        instruments=[Eigenvalues(lambda_min_every=1), Trace()],
+        every_n_steps=20,
+        every_n_epochs=None,
+        budget=None,  # a toy model: see examples/quickstart.py
+        probe_dataloader=probe,
+        loss_fn=cross_entropy,
+    )
     trainer = pl.Trainer(
         max_epochs=3,
         logger=logger,

@@ -192,6 +192,7 @@ class _HessianMonitorCore:
         self._warned_once: set[str] = set()
         self._skips_announced = False
         self._constants_logged = False
+        self._flags: dict[str, float] = {}
         self._hvp_seconds: float | None = None
         self._pl_module: Any = None
         self._objective: Objective | None = None
@@ -269,7 +270,8 @@ class _HessianMonitorCore:
     def _prepare_files(self, trainer: Any) -> None:
         monitors = [c for c in trainer.callbacks if isinstance(c, _HessianMonitorCore)]
         if monitors and monitors[0] is self:
-            sinks.write_tensorboard_layout(trainer.loggers, [m.prefix for m in monitors])
+            landscapes = [m.landscape_prefix for m in monitors if any(isinstance(i, Landscape) for i in m.instruments)]
+            sinks.write_tensorboard_layout(trainer.loggers, [m.prefix for m in monitors], landscapes)
         self.files.prepare(self._run_dir(trainer), self._resumed_at, self._last_frame_step)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -307,7 +309,12 @@ class _HessianMonitorCore:
             for ins in self.instruments:
                 if isinstance(ins, Landscape) and ins.animation != "never" and self.files.frames:
                     animate = functools.partial(
-                        self.files.animate, self._run_dir(trainer), trainer.loggers, ins.log_scale, trainer.global_step
+                        self.files.animate,
+                        self._run_dir(trainer),
+                        trainer.loggers,
+                        ins.log_scale,
+                        trainer.global_step,
+                        shared_scale=ins.shared_scale,
                     )
                     self._guarded_io(trainer, "the landscape animation", animate)
         self._drop_objectives()
@@ -567,7 +574,7 @@ class _HessianMonitorCore:
                     if artifact.kind == "record":
                         entry.update(artifact.data)
             self.files.record(run_dir, loggers, entry)
-            logged = {f"{self.prefix}/{k}": v for k, v in metrics.items()}
+            logged = {f"{self.prefix}/{k}": v for k, v in metrics.items() if not self._unchanged_flag(k, v)}
             if not self._constants_logged and self._objective is not None:  # run constants: once, not a flat curve
                 logged[f"{self.prefix}/num_params"] = float(self._objective.num_params)
                 self._constants_logged = True
@@ -576,9 +583,19 @@ class _HessianMonitorCore:
             ins = self._by_name[name]
             for artifact in out.artifacts:
                 if artifact.kind == "snapshot" and isinstance(ins, Landscape):
-                    self.files.snapshot(run_dir, loggers, artifact.data, ins.log_scale, ins.animation == "always")
+                    self.files.snapshot(
+                        run_dir, loggers, artifact.data, ins.log_scale, ins.animation == "always", ins.shared_scale
+                    )
                 else:
                     self._publish_artifact(run_dir, loggers, artifact, step)
+
+    def _unchanged_flag(self, key: str, value: float) -> bool:
+        """Convergence flags go to the loggers only when they change (the JSONL keeps every value)."""
+        if not key.endswith("_converged"):
+            return False
+        unchanged = self._flags.get(key) == value
+        self._flags[key] = value
+        return unchanged
 
     def _publish_artifact(self, run_dir: Path, loggers: Sequence[Any], artifact: Artifact, step: int) -> None:
         if artifact.kind == "image":

@@ -24,7 +24,6 @@ class RunFiles:
         self.prefix = prefix
         self.landscape_prefix = landscape_prefix
         self.frames: list[str] = []  # every snapshot file of the run so far (carried over on resume)
-        self.limits: tuple[float, float] | None = None  # one colour range for the live images so far
 
     # ------------------------------------------------------------------ paths
     def jsonl_path(self, run_dir: Path) -> Path:
@@ -66,7 +65,15 @@ class RunFiles:
         sinks.append_jsonl(self.jsonl_path(run_dir), {"run": sinks.run_id(loggers), **entry})
 
     # ------------------------------------------------------------------ landscapes
-    def snapshot(self, run_dir: Path, loggers: Sequence[Any], snap: Snapshot, log_scale: Any, animate: bool) -> None:
+    def snapshot(
+        self,
+        run_dir: Path,
+        loggers: Sequence[Any],
+        snap: Snapshot,
+        log_scale: Any,
+        animate: bool,
+        shared_scale: bool = False,
+    ) -> None:
         """The .npz file first, then the scalars, the pictures, and (``animate``) the animation so far."""
         import lightning_hessian.render as render
 
@@ -77,43 +84,36 @@ class RunFiles:
         sinks.log_scalars(loggers, {f"{lp}/{k}": v for k, v in snap.scalars.items()}, snap.step)
         if not any(sinks.is_tensorboard(lg) or sinks.is_wandb(lg) for lg in loggers):
             return
-        try:
-            lo, hi = render.color_limits(snap.planes.values(), log_scale=log_scale)
-            if self.limits is not None:  # one colour scale for all frames so far
-                lo, hi = min(lo, self.limits[0]), max(hi, self.limits[1])
-            self.limits = (lo, hi)
-        except ValueError:  # no finite loss on any plane (a diverged model): keep the scale so far
-            pass
         figures = {f"{lp}/planes": snap}
         for kind, surface in snap.planes.items():
             figures[f"{lp}/{kind}"] = Snapshot(
                 step=snap.step, epoch=snap.epoch, planes={kind: surface}, scalars=snap.scalars, meta=snap.meta
             )
-        for tag, frame in figures.items():
-            fig = render.snapshot_figure(frame, limits=self.limits, log_scale=log_scale)
+        for tag, frame in figures.items():  # each plane on its own robust colour scale
+            fig = render.snapshot_figure(frame, log_scale=log_scale, shared_scale=shared_scale)
             sinks.log_image(loggers, tag, render.figure_to_rgb(fig), snap.step)
         if animate:
-            self.animate(run_dir, loggers, log_scale, snap.step)
+            self.animate(run_dir, loggers, log_scale, snap.step, shared_scale=shared_scale)
 
-    def animate(self, run_dir: Path, loggers: Sequence[Any], log_scale: Any, step: int) -> None:
-        """Re-render every frame of the run on one colour scale and log the animated GIF."""
+    def animate(
+        self, run_dir: Path, loggers: Sequence[Any], log_scale: Any, step: int, shared_scale: bool = False
+    ) -> None:
+        """Re-render every frame of the run (extents and colour limits fixed per plane) and log the GIF."""
         import lightning_hessian.render as render
 
         directory = self.landscape_dir(run_dir)
         if not list_snapshots(directory):
             return
-        written = render.render_run(directory, log_scale=log_scale)
+        written = render.render_run(directory, log_scale=log_scale, shared_scale=shared_scale)
         gif = next((p for p in written if p.suffix == ".gif"), None)
         if gif is not None:
             sinks.log_animation(loggers, f"{self.landscape_prefix}/animation", gif, step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"files": list(self.frames), "limits": self.limits}
+        return {"files": list(self.frames)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.frames = list(state.get("files", []))
-        limits = state.get("limits")
-        self.limits = None if limits is None else (float(limits[0]), float(limits[1]))
 
 
 def _snapshot_step(path: Path) -> int:

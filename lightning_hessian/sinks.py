@@ -43,30 +43,67 @@ def is_tensorboard(logger: Any) -> bool:
     return type(logger).__name__ == "TensorBoardLogger" and hasattr(logger.experiment, "add_custom_scalars")
 
 
-def tensorboard_layout(prefixes: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
-    """Custom-scalars layout: eigenvalues on one chart, the trace with its +-2 standard-error band."""
+def _exact(prefix: str, names: Sequence[str]) -> list[str]:
+    q = re.escape(prefix)
+    return [f"^{q}/{name}$" for name in names]
+
+
+def tensorboard_layout(
+    prefixes: Sequence[str], landscape_prefixes: Sequence[str] = ()
+) -> dict[str, dict[str, list[Any]]]:
+    """Custom-scalars layout: one unit per chart (curvatures, ratios, counts, seconds, losses never mixed).
+
+    A chart whose series a run never logs stays empty in TensorBoard's list, so every instrument's
+    charts are declared and only those measured show data.
+    """
     charts: dict[str, list[Any]] = {}
     for p in prefixes:
         q = re.escape(p)
         charts[f"{p}: extremal eigenvalues"] = [
             "Multiline",
-            [f"^{q}/lambda_max$", f"^{q}/lambda_min$", f"^{q}/lambda_[0-9]+$"],
+            [*_exact(p, ["lambda_max", "lambda_min"]), f"^{q}/lambda_[0-9]+$"],
         ]
         charts[f"{p}: trace (+-2 stderr)"] = ["Margin", [f"{p}/trace", f"{p}/trace_lower", f"{p}/trace_upper"]]
-        charts[f"{p}: saddle signal"] = [
+        charts[f"{p}: traces compared"] = ["Multiline", _exact(p, ["trace", "trace_slope_fit"])]
+        charts[f"{p}: negative ratio |lambda_min| / lambda_max"] = ["Multiline", _exact(p, ["negative_ratio"])]
+        charts[f"{p}: saddle probability of a random plane"] = [
             "Multiline",
-            [f"^{q}/negative_ratio$", f"^{q}/random_plane_saddle_probability$"],
+            _exact(p, ["random_plane_saddle_probability"]),
         ]
-        charts[f"{p}: traces compared"] = ["Multiline", [f"^{q}/trace$", f"^{q}/trace_slope_fit$"]]
-        charts[f"{p}: cost"] = ["Multiline", [f"^{q}/hvp_count$", f"^{q}/seconds$"]]
+        charts[f"{p}: preconditioned sharpness vs stability edge"] = [
+            "Multiline",
+            _exact(p, ["preconditioned_lambda_max", "stability_threshold"]),
+        ]
+        charts[f"{p}: stability ratio (edge at 1)"] = ["Multiline", _exact(p, ["stability_ratio"])]
+        charts[f"{p}: curvature along the step"] = [
+            "Multiline",
+            _exact(p, ["gradient_curvature", "direction_curvature"]),
+        ]
+        charts[f"{p}: negative spectral mass"] = [
+            "Margin",
+            [f"{p}/negative_mass", f"{p}/negative_mass_lower", f"{p}/negative_mass_upper"],
+        ]
+        charts[f"{p}: block lambda_max"] = ["Multiline", [f"^{q}/block/.*/lambda_max$"]]
+        charts[f"{p}: HVPs per measurement"] = ["Multiline", _exact(p, ["hvp_count", "lanczos_hvp_count"])]
+        charts[f"{p}: seconds per measurement"] = ["Multiline", _exact(p, ["seconds"])]
+        charts[f"{p}: measurements postponed by the budget"] = ["Multiline", _exact(p, ["skipped"])]
+    for lp in landscape_prefixes:
+        q = re.escape(lp)
+        charts[f"{lp}: lowest loss on the planes"] = [
+            "Multiline",
+            _exact(lp, ["center_loss", "random_min_loss", "hessian_min_loss"]),
+        ]
+        charts[f"{lp}: curvature of the planes"] = ["Multiline", [f"^{q}/(random|hessian)_curvature_(min|max)$"]]
     return {"Hessian": charts}
 
 
-def write_tensorboard_layout(loggers: Iterable[Any], prefixes: Sequence[str]) -> None:
+def write_tensorboard_layout(
+    loggers: Iterable[Any], prefixes: Sequence[str], landscape_prefixes: Sequence[str] = ()
+) -> None:
     """Write one merged layout per TensorBoard run (the plugin reads a single layout per run)."""
     for logger in loggers:
         if is_tensorboard(logger):
-            logger.experiment.add_custom_scalars(tensorboard_layout(prefixes))
+            logger.experiment.add_custom_scalars(tensorboard_layout(prefixes, landscape_prefixes))
 
 
 def run_directory(loggers: Sequence[Any], default_root_dir: str) -> Path:

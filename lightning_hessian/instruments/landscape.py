@@ -30,8 +30,13 @@ class Landscape(Instrument):
         normalization: of the random directions: ``"filter"``, ``"layer"`` or ``"none"``.
         orthogonalize: make the second random direction orthogonal to the first.
         val_dataloader: validation batches evaluated on the same planes.
+        max_span: cap of a Hessian plane's curvature-scale half-width, as a fraction of the weights'
+            norm (``None``: no cap); what was chosen is recorded in every snapshot.
         log_scale: colour scale of the pictures: ``"auto"`` (log when the losses span more than
             about 1.5 decades), ``True`` or ``False``.
+        shared_scale: one colour scale for both planes (to compare their values) instead of one per
+            plane (the default: the planes span different distances, and a shared scale can paint
+            the Hessian plane in one colour).
         animation: ``"end"``: an animated GIF of all frames at the end of fit; ``"always"``: also
             refreshed after every snapshot; ``"never"``.
         every_n_steps, every_n_epochs: cadence (default: every epoch).
@@ -49,8 +54,10 @@ class Landscape(Instrument):
         span: float | None = None,
         normalization: str = "filter",
         orthogonalize: bool = False,
+        max_span: float | None = 0.5,
         val_dataloader: Iterable[Any] | None = None,
         log_scale: bool | str = "auto",
+        shared_scale: bool = False,
         animation: str = "end",
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
@@ -68,6 +75,10 @@ class Landscape(Instrument):
         if log_scale != "auto" and not isinstance(log_scale, bool):
             raise ValueError(f"log_scale must be 'auto', True or False, got {log_scale!r}")
         self.log_scale = log_scale
+        self.shared_scale = _validate.flag("shared_scale", shared_scale)
+        if max_span is not None:
+            _validate.positive_float("max_span", max_span)
+        self.max_span = max_span
         self.animation = _validate.choice("animation", animation, ("end", "always", "never"))
         self.planes = tuple(planes)
         self.resolution = resolution
@@ -80,6 +91,7 @@ class Landscape(Instrument):
             span=span,
             normalization=normalization,  # type: ignore[arg-type]
             orthogonalize=orthogonalize,
+            max_span=max_span,
         )
         self.state = FrameState()
 

@@ -299,3 +299,70 @@ def test_out_of_memory_is_a_skipped_measurement_that_says_what_to_change(
     # The measurement at step 0 was skipped; measuring went on at steps 2 and 4 with a fresh objective.
     assert [int(h["step"]) for h in monitor.history] == [2, 4]
     assert monitor._n_failed == 1
+
+
+# ----------------------------------------------------------------------------- silent zeros, buffers written in forward
+
+
+def _detached_loss(module: nn.Module, batch: Any) -> Tensor:
+    with torch.no_grad():
+        return probe_loss(module, batch)
+
+
+def test_a_detached_loss_is_a_user_error_not_zeros(tmp_path: Path) -> None:
+    monitor = HessianMonitor(every_n_steps=2, probe_dataloader=probe_loader(), loss_fn=_detached_loss, budget=None)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, max_epochs=-1, callbacks=[monitor]))
+    with pytest.warns(UserWarning, match=r"DetachedLossError: loss_fn returned a loss that does not require grad"):
+        trainer.fit(TanhModule(), train_loader())
+    assert monitor.history == []  # nothing reported, in particular no lambda_max = 0.0
+
+
+class CountingModule(TanhModule):
+    """Counts forward calls in a buffer (as call counters and QAT observers do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.net(x)
+
+
+def test_buffers_written_in_forward_are_left_as_training_left_them(tmp_path: Path) -> None:
+    def run(callbacks: list[Any]) -> dict[str, Tensor]:
+        pl.seed_everything(2, verbose=False)
+        module = CountingModule()
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, max_epochs=-1, callbacks=callbacks))
+        trainer.fit(module, train_loader())
+        return {k: v.clone() for k, v in module.state_dict().items()}
+
+    plain = run([])
+    monitor = HessianMonitor(every_n_steps=2, probe_dataloader=probe_loader(), loss_fn=probe_loss, budget=None)
+    watched = run([monitor])
+    assert len(monitor.history) == 4 and int(plain["calls"]) == 6
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
+
+
+# ----------------------------------------------------------------------------- files in the run's own directory
+
+
+def test_wandb_runs_get_their_own_files(tmp_path: Path, wandb_offline: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.chdir(tmp_path)  # files must not land in the working directory
+    ids = []
+    for _ in range(2):
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path / "wb"), project="proj")
+        monitor = HessianMonitor(every_n_steps=2, probe_dataloader=probe_loader(), loss_fn=probe_loss, budget=None)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, max_epochs=-1, logger=logger, callbacks=[monitor]))
+        trainer.fit(TanhModule(), train_loader())
+        ids.append(logger.version)
+        wandb_offline.finish()
+    assert ids[0] != ids[1]
+    for run_id in ids:
+        jsonl = tmp_path / "wb" / "proj" / str(run_id) / "hessian" / "hessian.jsonl"
+        records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        assert [r["step"] for r in records] == [0, 2] and {r["run"] for r in records} == {run_id}
+    assert not (tmp_path / "hessian").exists()

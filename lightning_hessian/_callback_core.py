@@ -61,11 +61,12 @@ class _HessianMonitorCore:
             ``"auto"``: when ``every_n_steps`` is not given.
         budget: fraction of the training wall time so far that measuring may take (per process,
             decided identically on every rank); a measurement due earlier is postponed to the first
-            step where it fits, and counted in ``{prefix}/skipped``. ``None``: honour the schedule
-            exactly. Measurements at fit start and fit end are not budgeted.
+            step where it fits, and counted in ``{prefix}/skipped``. An instrument's first run is
+            planned from one timed HVP times its expected HVPs. ``None``: honour the schedule exactly.
         at_fit_start: measure before the first optimizer step (or at the resumed step); with a probe
-            captured from training, once it is complete (step ``probe_batches - 1``).
-        at_fit_end: measure when training ends.
+            captured from training, once it is complete (step ``probe_batches - 1``). With a budget
+            this is a request like any other: it runs once the training time has paid for it.
+        at_fit_end: measure when training ends (with a budget, if it fits).
         loss_fn: ``loss_fn(pl_module, batch) -> scalar Tensor``, a module-level function (it must
             pickle for ``ddp_spawn`` and load from a LightningCLI config). Default: the module's
             ``hessian_loss(batch)`` if it has one, else its ``training_step`` with logging silenced
@@ -270,9 +271,17 @@ class _HessianMonitorCore:
     def _prepare_files(self, trainer: Any) -> None:
         monitors = [c for c in trainer.callbacks if isinstance(c, _HessianMonitorCore)]
         if monitors and monitors[0] is self:
-            landscapes = [m.landscape_prefix for m in monitors if any(isinstance(i, Landscape) for i in m.instruments)]
-            sinks.write_tensorboard_layout(trainer.loggers, [m.prefix for m in monitors], landscapes)
+            sinks.write_tensorboard_layout(trainer.loggers, [m._chart_set() for m in monitors])
         self.files.prepare(self._run_dir(trainer), self._resumed_at, self._last_frame_step)
+
+    def _chart_set(self) -> sinks.ChartSet:
+        landscape = any(isinstance(i, Landscape) for i in self.instruments)
+        return sinks.ChartSet(
+            prefix=self.prefix,
+            instruments=frozenset(self._names),
+            budgeted=self.budget is not None,
+            landscape_prefix=self.landscape_prefix if landscape else None,
+        )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.at_fit_start and self.probe.complete:

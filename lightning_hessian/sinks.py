@@ -6,9 +6,11 @@ Loggers are recognised by class name, so the same code serves ``pytorch_lightnin
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,62 +50,88 @@ def _exact(prefix: str, names: Sequence[str]) -> list[str]:
     return [f"^{q}/{name}$" for name in names]
 
 
-def tensorboard_layout(
-    prefixes: Sequence[str], landscape_prefixes: Sequence[str] = ()
-) -> dict[str, dict[str, list[Any]]]:
-    """Custom-scalars layout: one unit per chart (curvatures, ratios, counts, seconds, losses never mixed).
+@dataclass(frozen=True)
+class ChartSet:
+    """What one monitor logs: its prefix, its instruments' names, and whether a budget can postpone."""
 
-    A chart whose series a run never logs stays empty in TensorBoard's list, so every instrument's
-    charts are declared and only those measured show data.
-    """
+    prefix: str
+    instruments: frozenset[str]
+    budgeted: bool = True
+    landscape_prefix: str | None = None
+
+
+def _charts_of(p: str, has: Callable[[str], bool], budgeted: bool) -> dict[str, list[Any]]:
+    q = re.escape(p)
     charts: dict[str, list[Any]] = {}
-    for p in prefixes:
-        q = re.escape(p)
+    if has("eigenvalues"):
         charts[f"{p}: extremal eigenvalues"] = [
             "Multiline",
             [*_exact(p, ["lambda_max", "lambda_min"]), f"^{q}/lambda_[0-9]+$"],
         ]
-        charts[f"{p}: trace (+-2 stderr)"] = ["Margin", [f"{p}/trace", f"{p}/trace_lower", f"{p}/trace_upper"]]
-        charts[f"{p}: traces compared"] = ["Multiline", _exact(p, ["trace", "trace_slope_fit"])]
         charts[f"{p}: negative ratio |lambda_min| / lambda_max"] = ["Multiline", _exact(p, ["negative_ratio"])]
+    if has("trace"):
+        charts[f"{p}: trace (+-2 stderr)"] = ["Margin", [f"{p}/trace", f"{p}/trace_lower", f"{p}/trace_upper"]]
         charts[f"{p}: saddle probability of a random plane"] = [
             "Multiline",
             _exact(p, ["random_plane_saddle_probability"]),
         ]
+    if has("trace") and has("slope_fit"):
+        charts[f"{p}: traces compared"] = ["Multiline", _exact(p, ["trace", "trace_slope_fit"])]
+    elif has("slope_fit"):
+        charts[f"{p}: slope-fit trace"] = ["Multiline", _exact(p, ["trace_slope_fit"])]
+    if has("optimizer_curvature"):
         charts[f"{p}: preconditioned sharpness vs stability edge"] = [
             "Multiline",
             _exact(p, ["preconditioned_lambda_max", "stability_threshold"]),
         ]
         charts[f"{p}: stability ratio (edge at 1)"] = ["Multiline", _exact(p, ["stability_ratio"])]
+    if has("step_curvature"):
         charts[f"{p}: curvature along the step"] = [
             "Multiline",
             _exact(p, ["gradient_curvature", "direction_curvature"]),
         ]
-        charts[f"{p}: negative spectral mass"] = [
-            "Margin",
-            [f"{p}/negative_mass", f"{p}/negative_mass_lower", f"{p}/negative_mass_upper"],
-        ]
+        charts[f"{p}: critical learning rate"] = ["Multiline", _exact(p, ["critical_lr"])]
+    if has("hessian_diagonal"):
+        charts[f"{p}: diagonal share"] = ["Multiline", _exact(p, ["diagonal_share"])]
+    if has("spectral_density"):
+        charts[f"{p}: negative spectral mass"] = ["Multiline", _exact(p, ["negative_mass"])]
+    if has("block_spectrum"):
         charts[f"{p}: block lambda_max"] = ["Multiline", [f"^{q}/block/.*/lambda_max$"]]
-        charts[f"{p}: HVPs per measurement"] = ["Multiline", _exact(p, ["hvp_count", "lanczos_hvp_count"])]
-        charts[f"{p}: seconds per measurement"] = ["Multiline", _exact(p, ["seconds"])]
+        charts[f"{p}: block trace"] = ["Multiline", [f"^{q}/block/.*/trace$"]]
+    charts[f"{p}: HVPs per measurement"] = ["Multiline", _exact(p, ["hvp_count", "lanczos_hvp_count"])]
+    charts[f"{p}: seconds per measurement"] = ["Multiline", _exact(p, ["seconds"])]
+    if budgeted:
         charts[f"{p}: measurements postponed by the budget"] = ["Multiline", _exact(p, ["skipped"])]
-    for lp in landscape_prefixes:
-        q = re.escape(lp)
-        charts[f"{lp}: lowest loss on the planes"] = [
-            "Multiline",
-            _exact(lp, ["center_loss", "random_min_loss", "hessian_min_loss"]),
-        ]
-        charts[f"{lp}: curvature of the planes"] = ["Multiline", [f"^{q}/(random|hessian)_curvature_(min|max)$"]]
+    return charts
+
+
+def _runs(instruments: frozenset[str], name: str) -> bool:
+    """Whether an instrument of that name runs (``trace`` also matches a second one, ``trace_2``)."""
+    return any(i == name or i.startswith(name + "_") for i in instruments)
+
+
+def tensorboard_layout(monitors: Sequence[ChartSet]) -> dict[str, dict[str, list[Any]]]:
+    """Custom-scalars layout: one unit per chart (curvatures, ratios, counts, seconds, losses never mixed),
+    and only the charts of the instruments each monitor runs (no empty cards)."""
+    charts: dict[str, list[Any]] = {}
+    for m in monitors:
+        charts.update(_charts_of(m.prefix, functools.partial(_runs, m.instruments), m.budgeted))
+        lp = m.landscape_prefix
+        if lp is not None:
+            q = re.escape(lp)
+            charts[f"{lp}: lowest loss on the planes"] = [
+                "Multiline",
+                _exact(lp, ["center_loss", "random_min_loss", "hessian_min_loss"]),
+            ]
+            charts[f"{lp}: curvature of the planes"] = ["Multiline", [f"^{q}/(random|hessian)_curvature_(min|max)$"]]
     return {"Hessian": charts}
 
 
-def write_tensorboard_layout(
-    loggers: Iterable[Any], prefixes: Sequence[str], landscape_prefixes: Sequence[str] = ()
-) -> None:
+def write_tensorboard_layout(loggers: Iterable[Any], monitors: Sequence[ChartSet]) -> None:
     """Write one merged layout per TensorBoard run (the plugin reads a single layout per run)."""
     for logger in loggers:
         if is_tensorboard(logger):
-            logger.experiment.add_custom_scalars(tensorboard_layout(prefixes, landscape_prefixes))
+            logger.experiment.add_custom_scalars(tensorboard_layout(monitors))
 
 
 def run_directory(loggers: Sequence[Any], default_root_dir: str) -> Path:

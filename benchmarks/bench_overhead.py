@@ -1,28 +1,42 @@
 #!/usr/bin/env python
-"""Overhead benchmark: what ``HessianMonitor`` costs a real training run (the quickstart's).
+"""Overhead benchmark: what ``HessianMonitor`` costs a training run, and what it logs how often.
 
-Trains ``examples/quickstart.py``'s ``DigitsClassifier`` on scikit-learn's digits with the
-quickstart's own Trainer settings (TensorBoardLogger, here into a temporary directory) and
-measures in one run:
+Two sections (``--sections resnet quickstart``, both by default), each measured in one run with
+interleaved configurations and medians (the machine is shared):
 
-1. the training overhead of the quickstart's monitor,
-   ``HessianMonitor(every_n_steps=25, probe_dataloader=probe_loader)``: wall seconds of
-   ``trainer.fit`` without and with it, the overhead fraction, the measuring time (the sum of the
-   history's ``seconds``) as a fraction of the monitored run, the number of measurements and the
-   median seconds per measurement. Every configuration runs ``--repeats`` times, interleaved, and
-   medians are reported (the machine is shared). The same pair is also run with ``logger=False``;
+**ResNet** (issue 8): a CIFAR-shaped ResNet-14 (175,258 parameters, BatchNorm) on 3x32x32 images
+(scikit-learn's digits upscaled, tinted and noised: a learnable task without a download), batch
+128, momentum SGD, ``--resnet-epochs`` (2) epochs of ``--steps`` (100) optimizer steps, torch
+threads set explicitly (``--threads``, 2) and the load average printed before and after every run.
+Configurations: no monitor; ``HessianMonitor()`` (every default, budget 0.05); all instruments
+under the default budget; all instruments with ``budget=None`` every ``--heavy-every-n-epochs``
+epochs. It prints the wall-time overhead (median and paired per round), the monitor's measuring
+time, the seconds of the one HVP timed for the budget's first-run estimates, per instrument its
+runs, skipped (postponed) due points, measurements per epoch and the steps and seconds of each,
+whether lambda_max was measured at least once per epoch, and whether the final weights are
+bit-identical to the run without the monitor. Raw numbers: ``benchmarks/results/overhead_resnet.json``.
+
+**Quickstart**: ``examples/quickstart.py``'s ``DigitsClassifier`` on the digits with the
+quickstart's Trainer settings (TensorBoardLogger into a temporary directory):
+
+1. the overhead of the quickstart's monitor without its landscape
+   (``[Eigenvalues(lambda_min_every=1), Trace()]``, ``every_n_steps=25``, ``budget=None``) and of
+   ``HessianMonitor()``'s defaults; wall seconds of ``trainer.fit`` without and with it, the
+   overhead fraction, the measuring time (sum of the history's ``seconds``) as a fraction of the
+   monitored run, the number of measurements and the median seconds per measurement. Every
+   configuration runs ``--repeats`` times, interleaved; the pair is also run with ``logger=False``;
 2. HVPs per measurement with warm starts (the default) and without (``warm_start=False``) over
    the same run -- training is bit-identical with or without the callback, so both runs measure
-   the same weights at every step. Lanczos HVPs and all HVPs (Lanczos + the fixed Hutch++ trace
-   budget, ``trace_hvp=30``) are reported;
-3. the overhead of cheaper configurations: ``quantities=["eigenvalues"]`` (lambda_max only)
-   every 50 steps, with ``every_n_epochs=1`` and with ``every_n_epochs=None`` (the default when a
-   step schedule is given).
+   the same weights at every step. Lanczos HVPs and all HVPs (Lanczos + the Hutch++ trace's 30)
+   are reported;
+3. cheaper configurations: ``Eigenvalues(lambda_min=False)`` (lambda_max only) every 50 steps,
+   with ``every_n_epochs=1`` and with ``every_n_epochs=None``.
+Raw numbers: ``benchmarks/results/overhead.json``.
 
-Prints readable tables and writes the raw numbers to ``benchmarks/results/overhead.json``.
-Run: ``python benchmarks/bench_overhead.py`` (about 30 s on an idle 2-core CPU machine;
-``--epochs``/``--repeats`` shorten it). Timings are only meaningful on an otherwise idle machine:
-the 1-minute load average is printed before and after.
+Run: ``python benchmarks/bench_overhead.py`` (the ResNet section takes 10-30 minutes on a 2-core
+CPU machine, most of it the budget=None heavy run; ``--sections``, ``--resnet-configs``,
+``--steps``, ``--repeats`` shorten it). Timings are only meaningful on an otherwise idle machine;
+with other jobs on the cores, ``--threads 1`` is much less disturbed than 2 (spin-waiting threads).
 """
 
 from __future__ import annotations
@@ -45,10 +59,21 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_hessian
 from lightning_hessian import HessianMonitor, Objective, extremal_eigenpairs
+from lightning_hessian.instruments import (
+    Eigenvalues,
+    HessianDiagonal,
+    Landscape,
+    OptimizerCurvature,
+    SlopeFitTrace,
+    StepCurvature,
+    Trace,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from quickstart import DigitsClassifier, digits_loaders
@@ -66,37 +91,57 @@ for _name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lig
 
 MonitorFactory = Callable[[DataLoader], HessianMonitor]
 
+
+def _quickstart_monitor(probe: DataLoader, **eigen: Any) -> HessianMonitor:
+    """The quickstart's monitor without its landscape: lambda_max, lambda_min and the trace every 25 steps.
+
+    ``budget=None`` as in the quickstart: a toy step takes about a millisecond, so a 5 % budget
+    would allow only a few measurements; this section measures the cost of an exact schedule.
+    """
+    return HessianMonitor(
+        instruments=[Eigenvalues(lambda_min_every=1, **eigen), Trace()],
+        every_n_steps=25,
+        probe_dataloader=probe,
+        budget=None,
+    )
+
+
 # name -> (description, factory or None for no callback, logger on)
 CONFIGS: dict[str, tuple[str, MonitorFactory | None, bool]] = {
     "baseline": ("no callback (TensorBoardLogger)", None, True),
     "default": (
-        "quickstart: every_n_steps=25, all quantities (TensorBoardLogger)",
-        lambda probe: HessianMonitor(every_n_steps=25, probe_dataloader=probe),
+        "quickstart: every_n_steps=25, Eigenvalues(lambda_min_every=1) + Trace(), budget=None",
+        _quickstart_monitor,
         True,
     ),
     "cheap": (
-        "eigenvalues only, every_n_steps=50, every_n_epochs=1 (TensorBoardLogger)",
+        "Eigenvalues(lambda_min=False), every_n_steps=50, every_n_epochs=1, budget=None",
         lambda probe: HessianMonitor(
-            every_n_steps=50, every_n_epochs=1, probe_dataloader=probe, quantities=["eigenvalues"]
+            instruments=[Eigenvalues(lambda_min=False)],
+            every_n_steps=50,
+            every_n_epochs=1,
+            probe_dataloader=probe,
+            budget=None,
         ),
         True,
     ),
     "cheapest": (
-        "eigenvalues only, every_n_steps=50, every_n_epochs=None (TensorBoardLogger)",
+        "Eigenvalues(lambda_min=False), every_n_steps=50, every_n_epochs=None, budget=None",
         lambda probe: HessianMonitor(
-            every_n_steps=50, every_n_epochs=None, probe_dataloader=probe, quantities=["eigenvalues"]
+            instruments=[Eigenvalues(lambda_min=False)], every_n_steps=50, probe_dataloader=probe, budget=None
         ),
         True,
     ),
-    "baseline_nolog": ("no callback (logger=False)", None, False),
-    "default_nolog": (
-        "quickstart monitor (logger=False)",
-        lambda probe: HessianMonitor(every_n_steps=25, probe_dataloader=probe),
-        False,
+    "monitor_defaults": (
+        "HessianMonitor(probe_dataloader=probe): every library default (budget 0.05)",
+        lambda probe: HessianMonitor(probe_dataloader=probe),
+        True,
     ),
+    "baseline_nolog": ("no callback (logger=False)", None, False),
+    "default_nolog": ("quickstart monitor (logger=False)", _quickstart_monitor, False),
     "default_cold": (
         "quickstart monitor, warm_start=False (TensorBoardLogger)",
-        lambda probe: HessianMonitor(every_n_steps=25, probe_dataloader=probe, warm_start=False),
+        lambda probe: _quickstart_monitor(probe, warm_start=False),
         True,
     ),
 }
@@ -105,9 +150,10 @@ OVERHEAD_PAIRS = (
     ("default", "baseline"),
     ("cheap", "baseline"),
     ("cheapest", "baseline"),
+    ("monitor_defaults", "baseline"),
     ("default_nolog", "baseline_nolog"),
 )
-INTERLEAVED = ("baseline", "default", "cheap", "cheapest", "baseline_nolog", "default_nolog")
+INTERLEAVED = ("baseline", "default", "cheap", "cheapest", "monitor_defaults", "baseline_nolog", "default_nolog")
 
 
 def loadavg() -> list[float]:
@@ -362,7 +408,7 @@ def warm_cold_table(warm: dict[str, Any], cold: dict[str, Any]) -> dict[str, Any
         f"warm vs cold eigenvalues: max rel. difference of lambda_max {dmax:.1e}; max |difference| of lambda_min "
         f"/ (lambda_max - lambda_min) {dmin:.1e}; not converged: warm "
         f"{sum(not r['converged_warm'] for r in rows)}, cold {sum(not r['converged_cold'] for r in rows)} "
-        "(tol 1e-4, max_hvp 100)"
+        "(the Eigenvalues defaults: tol 1e-3, tol_min 1e-3, max_hvp 100)"
     )
     ov_top = [r["overlap_top_with_previous"] for r in rows if r["overlap_top_with_previous"] is not None]
     ov_min = [r["overlap_min_with_previous"] for r in rows if r["overlap_min_with_previous"] is not None]
@@ -399,7 +445,7 @@ def warm_start_sanity(run: dict[str, Any]) -> dict[str, Any]:
     model = DigitsClassifier()
     model.load_state_dict(run["state"])
     objective = Objective(model, _probe_loss, list(digits_loaders()[2]))
-    kw: dict[str, Any] = {"tol": 1e-4, "max_hvp": 100, "seed": SEED, "which": "both"}
+    kw: dict[str, Any] = {"tol": 1e-3, "max_hvp": 100, "seed": SEED, "which": "both"}
     cold = extremal_eigenpairs(objective, **kw)
     warm = extremal_eigenpairs(objective, init=run["last_eigen"], **kw)
     out = {
@@ -431,26 +477,363 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=12, help="the quickstart's default: 12")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+# ----------------------------------------------------------------------------- the CIFAR-shaped ResNet (issue 8)
+RESNET_RESULTS = RESULTS.with_name("overhead_resnet.json")
+BATCH = 128
 
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class ResNetClassifier(pl.LightningModule):
+    """CIFAR ResNet with 2 basic blocks per stage (ResNet-14, 16/32/64 channels, BatchNorm): 175,258 parameters.
+
+    Momentum SGD (lr 0.05, momentum 0.9), cross-entropy, batch 128 of 3x32x32 images.
+    """
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.lr = lr
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        layers: list[nn.Module] = []
+        cin = 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+_DATA: dict[int, tuple[Tensor, Tensor]] = {}
+
+
+def upscaled_digits(n: int) -> tuple[Tensor, Tensor]:
+    """``n`` CIFAR-shaped images (3x32x32) from scikit-learn's 8x8 digits: bilinear upscaling, a random tint per
+    image and channel, Gaussian pixel noise, standardised. A learnable 10-class task, no download; fixed seed."""
+    if n not in _DATA:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        gen = torch.Generator().manual_seed(SEED)
+        x8 = torch.tensor(digits.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+        idx = torch.randint(0, len(x8), (n,), generator=gen)
+        img = F.interpolate(x8[idx], size=32, mode="bilinear", align_corners=False)
+        tint = 0.5 + 0.5 * torch.rand(n, 3, 1, 1, generator=gen)
+        x = img * tint + 0.15 * torch.randn(n, 3, 32, 32, generator=gen)
+        x = (x - x.mean()) / x.std()
+        _DATA[n] = (x, torch.tensor(digits.target)[idx])
+    return _DATA[n]
+
+
+def resnet_loader(steps: int) -> DataLoader:
+    x, y = upscaled_digits(steps * BATCH)
+    return DataLoader(
+        TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED)
+    )
+
+
+def heavy_instruments(resolution: int) -> list[Any]:
+    """Every instrument with its defaults, except the landscape's resolution (441 probe passes per plane at 21)."""
+    return [
+        Eigenvalues(),
+        Trace(),
+        SlopeFitTrace(),
+        Landscape(resolution=resolution, animation="never"),
+        OptimizerCurvature(),
+        StepCurvature(),
+        HessianDiagonal(),
+    ]
+
+
+RESNET_CONFIGS: dict[str, str] = {
+    "baseline": "no callback",
+    "defaults": "HessianMonitor(): library defaults (default instruments, every epoch + log-spaced, budget 0.05)",
+    "heavy_budget": "all instruments, HessianMonitor defaults otherwise (budget 0.05)",
+    "heavy_nobudget": "all instruments, budget=None, every_n_epochs=E, log_spaced=False, at_fit_start=False",
+}
+
+
+def resnet_monitor(config: str, args: argparse.Namespace) -> HessianMonitor | None:
+    if config == "baseline":
+        return None
+    if config == "defaults":
+        return HessianMonitor()
+    heavy = heavy_instruments(args.landscape_resolution)
+    if config == "heavy_budget":
+        return HessianMonitor(instruments=heavy)
+    return HessianMonitor(
+        instruments=heavy,
+        every_n_epochs=args.heavy_every_n_epochs,
+        log_spaced=False,
+        at_fit_start=False,
+        budget=None,
+    )
+
+
+class RunRecorder(pl.Callback):
+    """After the monitor's hooks: which instruments ran at which step (``last_measurement`` per hook), for free."""
+
+    def __init__(self, monitor: HessianMonitor) -> None:
+        self.monitor = monitor
+        self.seen: Any = None
+        self.runs: list[dict[str, Any]] = []
+
+    def _grab(self, trainer: Any) -> None:
+        m = self.monitor.last_measurement
+        if m is not None and m is not self.seen:
+            self.seen = m
+            self.runs.append({"step": int(trainer.global_step), "seconds": dict(m.seconds)})
+
+    def on_train_start(self, trainer: Any, *args: Any) -> None:
+        self._grab(trainer)
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        self._grab(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, *args: Any) -> None:
+        self._grab(trainer)
+
+    def on_train_end(self, trainer: Any, *args: Any) -> None:
+        self._grab(trainer)
+
+
+def train_resnet(config: str, args: argparse.Namespace, workdir: Path, epochs: int | None = None) -> dict[str, Any]:
+    epochs = args.resnet_epochs if epochs is None else epochs
+    pl.seed_everything(SEED, verbose=False)
+    loader = resnet_loader(args.steps)
+    monitor = resnet_monitor(config, args)
+    recorder = RunRecorder(monitor) if monitor is not None else None
+    root = Path(tempfile.mkdtemp(prefix=f"resnet-{config}-", dir=workdir))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        callbacks=[c for c in (monitor, recorder) if c is not None],
+        logger=TensorBoardLogger(str(root), name="resnet"),
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(root),
+    )
+    model = ResNetClassifier()
+    load_before = loadavg()[0]
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    trainer.fit(model, loader)
+    wall = time.perf_counter() - start
+    out: dict[str, Any] = {
+        "config": config,
+        "wall": wall,
+        "cpu": time.process_time() - cpu0,
+        "load1_before": load_before,
+        "load1_after": loadavg()[0],
+        "global_step": int(trainer.global_step),
+        "train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "history": [],
+        "runs": [],
+        "slots": {},
+        "measure_seconds": 0.0,
+    }
+    if monitor is not None and recorder is not None:
+        out["history"] = list(monitor.history)
+        out["runs"] = recorder.runs
+        out["slots"] = {name: dict(vars(slot)) for name, slot in monitor.scheduler.slots.items()}
+        # the monitor's own clock of measuring (the one timed HVP of the first-run estimates included);
+        # private attributes, read for the diagnosis only
+        out["measure_seconds"] = float(monitor._measure_seconds)
+        out["timed_hvp_seconds"] = monitor._hvp_seconds
+        out["instrument_seconds"] = sum(sum(r["seconds"].values()) for r in recorder.runs)
+    return out
+
+
+def per_instrument(run: dict[str, Any], steps: int, epochs: int) -> dict[str, dict[str, Any]]:
+    """Per instrument: runs, the steps it measured at, skipped (scheduler), measurements in each epoch."""
+    table = {}
+    for name, slot in run["slots"].items():
+        measured = [r["step"] for r in run["runs"] if name in r["seconds"]]
+        per_epoch = [
+            sum(1 for s in measured if (e == 0 and s == 0) or e * steps < s <= (e + 1) * steps) for e in range(epochs)
+        ]
+        secs = [r["seconds"][name] for r in run["runs"] if name in r["seconds"]]
+        table[name] = {
+            "runs": int(slot["runs"]),
+            "steps": measured,
+            "skipped": int(slot["skipped"]),
+            "per_epoch": per_epoch,
+            "seconds": secs,
+        }
+    return table
+
+
+def lambda_max_per_epoch(run: dict[str, Any], steps: int, epochs: int) -> list[int]:
+    measured = [int(h["step"]) for h in run["history"] if "lambda_max" in h]
+    return [sum(1 for s in measured if (e == 0 and s == 0) or e * steps < s <= (e + 1) * steps) for e in range(epochs)]
+
+
+def resnet_section(args: argparse.Namespace) -> dict[str, Any]:
+    steps, epochs = args.steps, args.resnet_epochs
+    n_params = sum(p.numel() for p in ResNetClassifier().parameters())
+    print(
+        f"\n{'=' * 100}\nCIFAR-shaped ResNet-14 ({n_params:,} parameters), 3x32x32 upscaled digits, batch {BATCH}, "
+        f"momentum SGD, {epochs} epochs x {steps} steps, torch threads {torch.get_num_threads()}, "
+        f"{args.repeats} rounds of {', '.join(args.resnet_configs)} (heavy ones: {args.heavy_repeats} round(s))\n"
+        f"{'=' * 100}"
+    )
+    for c in args.resnet_configs:
+        print(
+            f"  {c:<15} {RESNET_CONFIGS[c]}".replace("every_n_epochs=E", f"every_n_epochs={args.heavy_every_n_epochs}")
+        )
+    by_config: dict[str, list[dict[str, Any]]] = {c: [] for c in args.resnet_configs}
+    with tempfile.TemporaryDirectory(prefix="bench_overhead_resnet-") as tmp:
+        workdir = Path(tmp)
+        upscaled_digits(steps * BATCH)
+        saved, args.steps = args.steps, 3
+        warm = train_resnet("defaults", args, workdir, epochs=1)  # imports, allocator, autograd paths: not timed
+        args.steps = saved
+        print(f"warm-up (3 steps with HessianMonitor(), not counted): {warm['wall']:.1f} s, load {loadavg()[0]:.2f}")
+        for i in range(args.repeats):
+            for config in args.resnet_configs:
+                if config.startswith("heavy") and i >= args.heavy_repeats:
+                    continue
+                run = train_resnet(config, args, workdir)
+                by_config[config].append(run)
+                print(
+                    f"  round {i + 1} {config:<15} fit {run['wall']:7.1f} s (cpu {run['cpu']:6.1f} s), "
+                    f"{len(run['runs']):>2} measured steps, monitor's measuring clock {run['measure_seconds']:6.1f} s, "
+                    f"load {run['load1_before']:.2f} -> {run['load1_after']:.2f}",
+                    flush=True,
+                )
+    base = by_config["baseline"]
+    ref = base[0]["state"]
+    identical = {
+        c: all(all(torch.equal(ref[k], r["state"][k]) for k in ref) for r in runs) for c, runs in by_config.items()
+    }
+    base_med = median([r["wall"] for r in base])
+    step_seconds = base_med / (steps * epochs)
+    rows = []
+    for c, runs in by_config.items():
+        if c == "baseline" or not runs:
+            continue
+        walls = [r["wall"] for r in runs]
+        paired = [(r["wall"] - b["wall"]) / b["wall"] for r, b in zip(runs, base, strict=False)]
+        inst = per_instrument(runs[0], steps, epochs)
+        rows.append(
+            {
+                "config": c,
+                "description": RESNET_CONFIGS[c],
+                "walls": walls,
+                "wall_median": median(walls),
+                "overhead_median": (median(walls) - base_med) / base_med,
+                "overhead_paired": paired,
+                "overhead_paired_median": median(paired),
+                "measure_share_median": median([r["measure_seconds"] / r["wall"] for r in runs]),
+                "timed_hvp_seconds": runs[0].get("timed_hvp_seconds"),
+                "measured_steps": [len(r["runs"]) for r in runs],
+                "instruments": inst,
+                "lambda_max_per_epoch": lambda_max_per_epoch(runs[0], steps, epochs),
+                "seconds_per_measured_step": [sum(x["seconds"].values()) for x in runs[0]["runs"]],
+            }
+        )
+    print(
+        f"\nwall seconds of trainer.fit: baseline median {base_med:.1f} s "
+        f"({', '.join(format(r['wall'], '.1f') for r in base)}); "
+        f"one training step {step_seconds:.3f} s (Lightning loop included)"
+    )
+    header = (
+        f"{'configuration':<16} {'wall':>7} {'overhead':>9} {'paired':>8} {'measuring':>10} {'#meas.':>7} "
+        f"{'timed HVP':>9}  lambda_max per epoch"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['config']:<16} {r['wall_median']:>7.1f} {r['overhead_median']:>9.1%} "
+            f"{r['overhead_paired_median']:>8.1%} "
+            f"{r['measure_share_median']:>10.1%} {'/'.join(map(str, r['measured_steps'])):>7} "
+            f"{_fmt(r['timed_hvp_seconds'], '.2f'):>9}  {r['lambda_max_per_epoch']}"
+        )
+    print(
+        "overhead = (median with - median baseline) / median baseline; paired = median over rounds of the per-round "
+        "ratio; measuring = the monitor's measuring clock (instruments + the one timed HVP) / wall;\n"
+        "timed HVP = seconds of the one HVP timed for the first-run estimates (the objective's first product)"
+    )
+    print(
+        "\nper instrument (first round of each configuration): runs, skipped (postponed or coalesced), "
+        "measurements per epoch, steps, seconds"
+    )
+    for r in rows:
+        print(f"  {r['config']}")
+        for name, t in r["instruments"].items():
+            secs = ", ".join(f"{s:.1f}" for s in t["seconds"])
+            print(
+                f"    {name:<20} runs {t['runs']:>2}  skipped {t['skipped']:>3}  per epoch {t['per_epoch']}  "
+                f"steps {t['steps']}  seconds [{secs}]"
+            )
+    defaults = next((r for r in rows if r["config"] == "defaults"), None)
+    verdict: dict[str, Any] = {}
+    if defaults is not None:
+        ok_budget = defaults["overhead_median"] <= 0.05
+        ok_epoch = all(n >= 1 for n in defaults["lambda_max_per_epoch"])
+        verdict = {"defaults_within_5_percent": ok_budget, "lambda_max_every_epoch": ok_epoch}
+        print(
+            f"\nHessianMonitor() defaults: overhead {defaults['overhead_median']:.1%} (paired "
+            f"{defaults['overhead_paired_median']:.1%}) -> {'MEETS' if ok_budget else 'DOES NOT MEET'} the 5 % target; "
+            f"lambda_max measured per epoch {defaults['lambda_max_per_epoch']} -> "
+            f"{'at least once per epoch' if ok_epoch else 'NOT once per epoch'}"
+        )
+    print(
+        "final weights identical to the first baseline run: "
+        + ", ".join(f"{c} {'yes' if ok else 'NO'}" for c, ok in identical.items())
+    )
+    return {
+        "num_params": n_params,
+        "steps_per_epoch": steps,
+        "epochs": epochs,
+        "step_seconds": step_seconds,
+        "baseline_walls": [r["wall"] for r in base],
+        "rows": rows,
+        "verdict": verdict,
+        "weights_identical_to_baseline": identical,
+        "runs": [{k: v for k, v in r.items() if k != "state"} for runs in by_config.values() for r in runs],
+    }
+
+
+def quickstart_section(args: argparse.Namespace) -> None:
+    """The quickstart model: overhead of exact schedules, warm against cold starts (``results/overhead.json``)."""
     t0 = time.perf_counter()
     load_start = loadavg()
     print(
-        f"lightning_hessian {lightning_hessian.__version__}, torch {torch.__version__}, pytorch_lightning "
-        f"{pl.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs, torch threads "
-        f"{torch.get_num_threads()} ({'set by --threads' if args.threads else 'torch default'})"
-    )
-    print(
-        f"load average at start (1/5/15 min): {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
-        f"quickstart model and data, {args.epochs} epochs (44 steps each), seed {SEED}, {args.repeats} repeats "
-        "interleaved; progress bar off, otherwise the quickstart's Trainer settings"
+        f"\n{'=' * 100}\nquickstart: load average at start (1/5/15 min): {load_start[0]:.2f} {load_start[1]:.2f} "
+        f"{load_start[2]:.2f}; quickstart model and data, {args.epochs} epochs (44 steps each), seed {SEED}, "
+        f"{args.repeats} repeats "
+        "interleaved; progress bar off, otherwise the quickstart's Trainer settings\n" + "=" * 100
     )
 
     by_config: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
@@ -527,6 +910,65 @@ def main() -> None:
     }
     RESULTS.write_text(json.dumps(_clean(payload), indent=1))
     print(f"raw numbers: {RESULTS}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", choices=("resnet", "quickstart"), default=["resnet", "quickstart"])
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, set explicitly)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians over them)")
+    parser.add_argument("--epochs", type=int, default=12, help="quickstart epochs (its default: 12)")
+    parser.add_argument("--resnet-epochs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=100, help="ResNet optimizer steps per epoch")
+    parser.add_argument(
+        "--resnet-configs",
+        nargs="+",
+        choices=tuple(RESNET_CONFIGS),
+        default=list(RESNET_CONFIGS),
+        help="ResNet configurations, run interleaved in this order (baseline is always included)",
+    )
+    parser.add_argument("--heavy-repeats", type=int, default=1, help="rounds that include the heavy configurations")
+    parser.add_argument("--heavy-every-n-epochs", type=int, default=1, help="schedule of the budget=None heavy run")
+    parser.add_argument("--resnet-out", type=Path, default=RESNET_RESULTS, help="raw numbers of the ResNet section")
+    parser.add_argument("--landscape-resolution", type=int, default=11, help="Landscape resolution in the heavy runs")
+    args = parser.parse_args()
+    if "baseline" not in args.resnet_configs:
+        args.resnet_configs.insert(0, "baseline")
+    torch.set_num_threads(args.threads)
+    load = loadavg()
+    print(
+        f"lightning_hessian {lightning_hessian.__version__}, torch {torch.__version__}, pytorch_lightning "
+        f"{pl.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()} (set explicitly); load average at start (1/5/15 min): "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    if "resnet" in args.sections:
+        t0 = time.perf_counter()
+        out = resnet_section(args)
+        end = loadavg()
+        print(
+            f"ResNet section: {time.perf_counter() - t0:.0f} s; load average at end "
+            f"{end[0]:.2f} {end[1]:.2f} {end[2]:.2f}"
+        )
+        out["meta"] = {
+            "lightning_hessian": lightning_hessian.__version__,
+            "torch": torch.__version__,
+            "pytorch_lightning": pl.__version__,
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+            "heavy_repeats": args.heavy_repeats,
+            "heavy_every_n_epochs": args.heavy_every_n_epochs,
+            "landscape_resolution": args.landscape_resolution,
+            "loadavg_start": load,
+            "loadavg_end": end,
+            "seconds": time.perf_counter() - t0,
+        }
+        args.resnet_out.parent.mkdir(parents=True, exist_ok=True)
+        args.resnet_out.write_text(json.dumps(_clean(out), indent=1))
+        print(f"raw numbers: {args.resnet_out}")
+    if "quickstart" in args.sections:
+        quickstart_section(args)
 
 
 if __name__ == "__main__":

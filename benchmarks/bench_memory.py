@@ -179,7 +179,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         ce_loss(model, data[0]).backward()
         opt.step()
     else:
-        obj = Objective(model, ce_loss, data, hvp="auto" if args.engine == "-" else args.engine)
+        engine = "auto" if args.engine == "-" else args.engine
+        obj = Objective(model, ce_loss, data, hvp=engine, memory_budget=args.memory_budget)
         obj.grad()  # warm-up
         t0, c0 = time.perf_counter(), time.process_time()
         obj.grad()
@@ -231,6 +232,7 @@ def run_config(args: argparse.Namespace, model: str, job: str, engine: str) -> d
         str(args.hvps),
         "--grid",
         str(args.grid),
+        *(["--memory-budget", str(args.memory_budget)] if args.memory_budget else []),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -292,6 +294,7 @@ def main() -> None:
     parser.add_argument("--hvps", type=int, default=4, help="HVP budget of each eigenvalue/trace measurement")
     parser.add_argument("--grid", type=int, default=3, help="landscape resolution (grid x grid points)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-budget", type=float, default=None, help="Objective(memory_budget=) in bytes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.json"))

@@ -28,6 +28,7 @@ from lightning_hessian._probe_set import ProbeSet
 from lightning_hessian.instruments import Eigenvalues, Instrument, StepResult, eigen_provider, ordered
 from lightning_hessian.instruments.base import Artifact, InstrumentOutput, StepContext
 from lightning_hessian.instruments.landscape import Landscape
+from lightning_hessian.instruments.optimizer import StepCurvature
 from lightning_hessian.objective import HvpEngine, Objective
 from lightning_hessian.run_files import RunFiles
 from lightning_hessian.scheduler import Scheduler, cadence_for, names_of
@@ -50,9 +51,11 @@ class _HessianMonitorCore:
 
     Args:
         instruments: what to measure (:mod:`lightning_hessian.instruments`); default
-            ``[Eigenvalues()]``: lambda_max every time, lambda_min every fourth time (the cheapest
-            curve that still shows the saddle signal). Add ``Trace()``, ``Landscape()``,
-            ``OptimizerCurvature()``... as needed; each gets an equal share of the budget.
+            ``[Eigenvalues(), StepCurvature()]``: lambda_max every time, lambda_min every fourth time
+            (the cheapest curve that still shows the saddle signal), and the curvature along the
+            gradient and the optimizer's step (one or two HVPs). Add ``Trace()``, ``Landscape()``,
+            ``OptimizerCurvature()``... as needed; each gets a share of the budget in proportion to
+            its ``budget_weight`` (1, and 0.25 for the cheap ``StepCurvature``).
         every_n_steps: the instruments' cadence in optimizer steps (an instrument's own cadence
             takes precedence); ``None``: not on a step schedule.
         every_n_epochs: cadence in epochs; ``"auto"`` (default): every epoch when ``every_n_steps``
@@ -121,7 +124,7 @@ class _HessianMonitorCore:
     ) -> None:
         super().__init__()
         if instruments is None:
-            instruments = [Eigenvalues()]
+            instruments = [Eigenvalues(), StepCurvature()]
         if isinstance(instruments, Instrument) or not isinstance(instruments, (list, tuple)) or not instruments:
             raise ValueError(
                 "instruments must be a non-empty list of instruments, e.g. [Eigenvalues(), Trace()]; got "
@@ -175,7 +178,8 @@ class _HessianMonitorCore:
             )
             for name, ins in self._by_name.items()
         }
-        return Scheduler(cadences, self.budget)
+        weights = {name: float(ins.budget_weight) for name, ins in self._by_name.items()}
+        return Scheduler(cadences, self.budget, weights)
 
     def _reset_fit_state(self) -> None:
         """Everything one fit accumulates; a second ``fit`` starts afresh unless a checkpoint restores it."""
@@ -611,6 +615,8 @@ class _HessianMonitorCore:
             sinks.log_image(loggers, f"{self.prefix}/{artifact.name}", artifact.data, step)
         elif artifact.kind == "save":
             artifact.data(run_dir / artifact.name / self.prefix)
+        elif artifact.kind == "lines":
+            sinks.log_lines(loggers, f"{self.prefix}/{artifact.name}", artifact.data)
 
     # ------------------------------------------------------------------ failures
     def _agreed(self, fn: Callable[[], Any]) -> Any:

@@ -220,3 +220,26 @@ def log_animation(loggers: Iterable[Any], tag: str, gif: Path, step: int) -> Non
             logger.experiment.flush()
         elif is_wandb(logger):
             logger.log_video(key=tag, videos=[str(gif)], step=step, format=["gif"])
+
+
+def log_lines(loggers: Iterable[Any], tag: str, lines: dict[str, Any]) -> None:
+    """A multi-line chart (``{"title", "x", "series": {name: values}}``) to W&B, which draws it from data.
+
+    TensorBoard shows the same series together through its custom-scalars layout; other loggers
+    have the scalars themselves.
+    """
+    series = {k: [float(v) for v in vs] for k, vs in lines["series"].items()}
+    if not lines["x"] or not series:
+        return
+    for logger in loggers:
+        if is_wandb(logger):
+            import wandb
+
+            plot = wandb.plot.line_series(
+                xs=[int(x) for x in lines["x"]],
+                ys=list(series.values()),
+                keys=list(series),
+                title=str(lines.get("title", tag)),
+                xname="step",
+            )
+            logger.experiment.log({tag: plot})

@@ -290,7 +290,11 @@ def test_out_of_memory_is_a_skipped_measurement_that_says_what_to_change(
     tmp_path: Path, error: type[BaseException]
 ) -> None:
     monitor = HessianMonitor(
-        every_n_steps=2, probe_dataloader=probe_loader(), loss_fn=_OutOfMemoryOnce(error), budget=None
+        instruments=[Eigenvalues()],
+        every_n_steps=2,
+        probe_dataloader=probe_loader(),
+        loss_fn=_OutOfMemoryOnce(error),
+        budget=None,
     )
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, max_epochs=-1, callbacks=[monitor]))
     with pytest.warns(UserWarning, match=r"step 0 ran out of memory and was skipped.*hvp='double_backward'.*params="):

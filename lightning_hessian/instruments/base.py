@@ -27,7 +27,9 @@ class Artifact:
     drawn as images, animated); ``"image"``: an HxWx3 uint8 array logged as an image under
     ``{prefix}/{name}``; ``"record"``: JSON-able data added to the step's record in the run's JSONL
     file; ``"save"``: a function ``data(directory: Path) -> None`` that writes the instrument's own
-    data files into ``<run dir>/<name>/<prefix>/`` (rank zero; the monitor picks the directory).
+    data files into ``<run dir>/<name>/<prefix>/`` (rank zero; the monitor picks the directory);
+    ``"lines"``: ``{"title", "x", "series": {name: values}}``, a multi-line chart for loggers that
+    draw one from data (W&B; TensorBoard has its custom-scalars layout).
     """
 
     kind: str
@@ -122,6 +124,8 @@ class Instrument:
     name: str = "instrument"
     #: where the monitor logs the metrics: ``"hessian"`` (its prefix) or ``"landscape"`` (the landscape prefix)
     namespace: str = "hessian"
+    #: relative share of the monitor's time budget (cheap instruments need less to run as often)
+    budget_weight: float = 1.0
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = None) -> None:
         self.every_n_steps = _validate.optional_positive_int("every_n_steps", every_n_steps)

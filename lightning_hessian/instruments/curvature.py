@@ -33,9 +33,10 @@ class Eigenvalues(Instrument):
         every_n_steps, every_n_epochs: this instrument's own cadence (default: the monitor's).
 
     Metrics: ``lambda_max`` (with ``_residual`` and ``_converged``), ``lambda_<i>``, ``lambda_min``
-    (with ``_residual``, ``_converged``), ``negative_ratio``, ``lanczos_hvp_count`` and, with a
-    single learning rate, ``lr_times_lambda_max`` (plain gradient descent diverges on a quadratic
-    above 2).
+    (with ``_residual``, ``_converged``), ``negative_ratio``, ``lanczos_hvp_count`` and
+    ``lanczos_hvp_top``. The learning rate's stability edge is
+    :class:`~lightning_hessian.instruments.OptimizerCurvature`'s ``stability_ratio`` (it replaces
+    ``lr_times_lambda_max``, which said nothing for Adam).
     """
 
     name = "eigenvalues"
@@ -118,9 +119,6 @@ class Eigenvalues(Instrument):
             metrics["lambda_min_residual"] = eigen.residual_min
             metrics["lambda_min_converged"] = float(eigen.converged_min)
             metrics["negative_ratio"] = eigen.negative_ratio
-        lr = ctx.learning_rate
-        if lr is not None:
-            metrics["lr_times_lambda_max"] = lr * eigen.lambda_max
         record = {"eigenvalues": list(eigen.eigenvalues), "ritz_values": list(eigen.ritz_values)}
         return InstrumentOutput(metrics, (Artifact("record", "spectrum", record),))
 

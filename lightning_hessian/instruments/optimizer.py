@@ -178,6 +178,7 @@ class OptimizerCurvature(Instrument):
         self.warm_start = _validate.flag("warm_start", warm_start)
         self._warm: Tensor | None = None
         self._warm_names: list[str] | None = None
+        self._curve: list[tuple[int, float, float]] = []  # (step, sharpness, threshold) of this fit
         self._skipper = _Skipper("OptimizerCurvature")
 
     def geometry(self, ctx: StepContext) -> Preconditioner:
@@ -220,6 +221,7 @@ class OptimizerCurvature(Instrument):
         if not trust_region:
             metrics["stability_threshold"] = result.threshold
             metrics["stability_ratio"] = result.ratio
+            self._curve.append((ctx.step, result.value, result.threshold))
         record = {
             "optimizer_curvature": {
                 "rule": result.rule,
@@ -244,9 +246,22 @@ class OptimizerCurvature(Instrument):
         norm = float((v * moving).norm())
         return v if math.isfinite(norm) and norm > 0 else None
 
+    def summary(self) -> InstrumentOutput | None:
+        """The sharpness and its stability edge over the fit, as one two-line chart (W&B draws it from data)."""
+        if not self._curve:
+            return None
+        steps, values, thresholds = zip(*self._curve)
+        lines = {
+            "title": "preconditioned sharpness vs stability edge",
+            "x": list(steps),
+            "series": {"preconditioned_lambda_max": list(values), "stability_threshold": list(thresholds)},
+        }
+        return InstrumentOutput({}, (Artifact("lines", "stability_edge", lines),))
+
     def reset(self) -> None:
         self._warm, self._warm_names = None, None
         self._skipper.warned.clear()
+        self._curve = []
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -286,6 +301,7 @@ class StepCurvature(Instrument):
     """
 
     name = "step_curvature"
+    budget_weight = 0.25  # one or two HVPs: a small share keeps it as frequent as the eigenvalues
 
     def __init__(
         self, direction: str = "update", every_n_steps: int | None = None, every_n_epochs: int | None = None

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_hessian import instruments
 from lightning_hessian.instruments import run_instruments
 from lightning_hessian.landscape import Line, Surface, hessian_directions, loss_line, loss_surface, random_direction
-from lightning_hessian.objective import HvpFallbackWarning, NonFiniteLossError, Objective
+from lightning_hessian.objective import DetachedLossError, HvpFallbackWarning, NonFiniteLossError, Objective
 from lightning_hessian.spectrum import EigenResult, extremal_eigenpairs
 from lightning_hessian.trace import TraceEstimate, hutchinson_trace, slope_fit_trace
 
@@ -25,6 +25,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DetachedLossError",
     "EigenResult",
     "HessianMonitor",
     "HvpFallbackWarning",

@@ -9,11 +9,12 @@ to Lightning's hooks, keeps the probe set and isolates failures from training.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -475,6 +476,8 @@ class _HessianMonitorCore:
             seed=self.seed,
         )
         ctx.eigen_provider = eigen_provider(self.instruments)
+        if trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None) is not None:
+            ctx.progress_factory = _progress_bar
         return ctx
 
     def _one(self, ctx: StepContext, name: str, ins: Instrument) -> InstrumentOutput:
@@ -582,6 +585,8 @@ class _HessianMonitorCore:
         run_dir, loggers = self._run_dir(trainer), trainer.loggers
         if metrics:
             entry: dict[str, Any] = dict(self.history[-1])
+            if self._objective is not None:  # which HVP engine "auto" chose, and its memory plan
+                entry["engine"] = self._objective.active_engine
             for out in outputs.values():
                 for artifact in out.artifacts:
                     if artifact.kind == "record":
@@ -691,3 +696,13 @@ class _HessianMonitorCore:
                 f"HessianMonitor({self.prefix}): {what} failed ({type(err).__name__}: {err}). What was measured is "
                 "kept in `history` and in every file and logger that did not fail; training goes on."
             )
+
+
+@contextlib.contextmanager
+def _progress_bar(what: str, total: int) -> Iterator[Callable[[int], Any]]:
+    """A transient bar under Lightning's own (rank zero, when the trainer shows one): a landscape snapshot
+    is hundreds of forward passes, and training otherwise seems to hang while it runs."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=f"HessianMonitor: {what}", leave=False, dynamic_ncols=True, position=1) as bar:
+        yield bar.update

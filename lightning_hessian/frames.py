@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -165,6 +166,7 @@ def landscape_frame(
     eigen: EigenResult | None = None,
     val_objective: Objective | None = None,
     max_hvp: int = 200,
+    progress: Callable[[int], object] | None = None,
 ) -> Snapshot:
     """Measure one frame. ``eigen`` (with ``lambda_min``) is reused for the Hessian plane when given.
 
@@ -192,6 +194,7 @@ def landscape_frame(
                 span=span,
                 resolution=config.resolution,
                 val_objective=val_objective,
+                progress=progress,
                 kind="random",
                 labels=(
                     f"random d1 ({config.normalization}-normalised)",
@@ -213,6 +216,7 @@ def landscape_frame(
                 span=spans,
                 resolution=config.resolution,
                 val_objective=val_objective,
+                progress=progress,
                 kind="hessian",
                 labels=(f"v_max (lambda={lmax:.4g})", f"v_min (lambda={lmin:.4g})"),
                 eigenvalues=(lmax, lmin),
@@ -230,6 +234,7 @@ def landscape_frame(
                     spans[0],
                     config.line_resolution,
                     val_objective=val_objective,
+                    progress=progress,
                     label=f"v_max (lambda={lmax:.4g})",
                 )
                 lines["v_min"] = loss_line(
@@ -238,6 +243,7 @@ def landscape_frame(
                     spans[1],
                     config.line_resolution,
                     val_objective=val_objective,
+                    progress=progress,
                     label=f"v_min (lambda={lmin:.4g})",
                 )
     scalars["center_loss"] = center

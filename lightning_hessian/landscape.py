@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -160,6 +160,17 @@ def _plane_points(theta: Tensor, d1: Tensor, d2: Tensor, alphas: np.ndarray, bet
             yield torch.add(theta, d1, alpha=float(a)).add_(d2, alpha=float(b))
 
 
+Progress = Callable[[int], object]
+
+
+def _counted(points: Iterator[Tensor], progress: Progress | None) -> Iterator[Tensor]:
+    """``points``, reporting each one to ``progress`` as it is consumed (grids are streamed)."""
+    for point in points:
+        yield point
+        if progress is not None:
+            progress(1)
+
+
 def loss_surface(
     objective: Objective,
     d1: Tensor,
@@ -171,6 +182,7 @@ def loss_surface(
     kind: str = "custom",
     labels: tuple[str, str] = ("d1", "d2"),
     eigenvalues: tuple[float, float] | None = None,
+    progress: Progress | None = None,
 ) -> Surface:
     """The loss on the plane ``theta + a d1 + b d2`` for ``a, b`` on an exact centred grid.
 
@@ -182,6 +194,7 @@ def loss_surface(
         val_objective: an objective on validation data over the same parameters, evaluated on the
             same plane.
         kind, labels, eigenvalues: metadata carried into the plot.
+        progress: called with 1 after each evaluated point (a progress bar's ``update``).
     """
     sx, sy = (span, span) if isinstance(span, (int, float)) else span
     alphas, betas = centred_coordinates(float(sx), resolution), centred_coordinates(float(sy), resolution)
@@ -192,12 +205,13 @@ def loss_surface(
     before = objective.n_loss
     shape = (len(betas), len(alphas))
     theta = objective.parameters()
-    losses = objective.losses_at(_plane_points(theta, d1, d2, alphas, betas), absolute=True).numpy().reshape(shape)
+    points = _counted(_plane_points(theta, d1, d2, alphas, betas), progress)
+    losses = objective.losses_at(points, absolute=True).numpy().reshape(shape)
     val = None
     if val_objective is not None:
         if val_objective.num_params != objective.num_params:
             raise ValueError("val_objective must select the same parameters as objective")
-        points = _plane_points(theta, d1, d2, alphas, betas)
+        points = _counted(_plane_points(theta, d1, d2, alphas, betas), progress)
         val = val_objective.losses_at(points, absolute=True).numpy().reshape(shape)
     mid = resolution // 2
     return Surface(
@@ -224,13 +238,14 @@ def loss_line(
     *,
     val_objective: Objective | None = None,
     label: str = "d",
+    progress: Progress | None = None,
 ) -> Line:
     """The loss along ``theta + t d`` for ``t`` on an exact centred grid (a 1-D cut)."""
     ts = centred_coordinates(float(span), resolution)
     theta = objective.parameters()
 
     def points() -> Iterator[Tensor]:
-        return (torch.add(theta, d, alpha=float(t)) for t in ts)
+        return _counted((torch.add(theta, d, alpha=float(t)) for t in ts), progress)
 
     losses = objective.losses_at(points(), absolute=True).numpy()
     val = None if val_objective is None else val_objective.losses_at(points(), absolute=True).numpy()

@@ -174,3 +174,27 @@ def test_random_plane_options_reach_the_snapshot(tmp_path: Path) -> None:
         assert float(piece.norm()) == pytest.approx(float(w.norm()), rel=1e-4)
     assert monitor.last_snapshot.meta["normalization"] == "layer"
     assert set(monitor.last_snapshot.planes) == {"random"}
+
+
+def test_a_snapshot_reports_its_progress_point_by_point() -> None:
+    """Long snapshots show a progress bar: every grid and cut point is reported, and the total is announced."""
+    import contextlib
+    from collections.abc import Iterator
+
+    from lightning_hessian.instruments import StepContext, run_instruments
+
+    bars: list[tuple[str, int, list[int]]] = []
+
+    @contextlib.contextmanager
+    def recorder(what: str, total: int) -> Iterator[Any]:
+        updates: list[int] = []
+        bars.append((what, total, updates))
+        yield updates.append
+
+    objective = Objective(TanhModule(), probe_loss, list(probe_loader()))
+    ctx = StepContext(objective, step=7)
+    ctx.progress_factory = recorder
+    run_instruments(objective, [Landscape(resolution=5)], context=ctx)
+    ((what, total, updates),) = bars
+    assert what == "landscape at step 7"
+    assert total == 2 * 5 * 5 + 2 * 41 == sum(updates) == objective.n_loss - 1  # one centre loss besides the grid

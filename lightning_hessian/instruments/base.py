@@ -9,7 +9,8 @@ extremal eigenpairs above all) are computed once, by whichever instrument asks f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,18 @@ class StepContext:
         self.seed = seed
         self.shared: dict[str, Any] = {}
         self.eigen_provider: Callable[[StepContext, bool], Any] | None = None
+        self.progress_factory: Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], Any]]] | None = (
+            None
+        )
+
+    @contextlib.contextmanager
+    def progress(self, what: str, total: int) -> Iterator[Callable[[int], Any]]:
+        """A progress reporter for long work (``update(n)``); the monitor shows it in a progress bar."""
+        if self.progress_factory is None:
+            yield lambda n: None
+            return
+        with self.progress_factory(what, total) as update:
+            yield update
 
     @property
     def learning_rate(self) -> float | None:

@@ -102,16 +102,25 @@ class Landscape(Instrument):
     def run(self, ctx: StepContext) -> InstrumentOutput:
         eigen = ctx.eigenpairs(both_ends=True) if "hessian" in self.planes else None
         config = self.config if self.config.seed == ctx.seed else _with_seed(self.config, ctx.seed)
-        snap = landscape_frame(
-            ctx.objective,
-            config,
-            self.state,
-            step=ctx.step,
-            epoch=ctx.epoch,
-            eigen=eigen,
-            val_objective=ctx.val_objective,
-        )
+        with ctx.progress(f"landscape at step {ctx.step}", self._points(ctx)) as update:
+            snap = landscape_frame(
+                ctx.objective,
+                config,
+                self.state,
+                step=ctx.step,
+                epoch=ctx.epoch,
+                eigen=eigen,
+                val_objective=ctx.val_objective,
+                progress=update,
+            )
         return InstrumentOutput(dict(snap.scalars), (Artifact("snapshot", "landscape", snap),))
+
+    def _points(self, ctx: StepContext) -> int:
+        """Grid and cut points this snapshot evaluates (each one probe-set forward pass)."""
+        per_set = len(self.planes) * self.resolution**2
+        if "hessian" in self.planes and self.config.lines:
+            per_set += 2 * self.config.line_resolution
+        return per_set * (2 if ctx.val_objective is not None else 1)
 
     def reset(self) -> None:
         self.state = FrameState()

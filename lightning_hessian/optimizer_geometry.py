@@ -223,7 +223,7 @@ def _rule(optimizer: torch.optim.Optimizer, index: int, group: dict[str, Any]) -
     return f"{name} is not supported (supported: {SUPPORTED})"
 
 
-def _optimizers(optimizer: OptimizerLike) -> list[torch.optim.Optimizer]:
+def unwrap_optimizers(optimizer: OptimizerLike) -> list[torch.optim.Optimizer]:
     """One or several optimizers; wrappers exposing ``.optimizer`` (e.g. Lightning's) are unwrapped."""
     items = list(optimizer) if isinstance(optimizer, Sequence) else [optimizer]
     if not items:
@@ -298,7 +298,7 @@ def read_preconditioner(objective: Objective, optimizer: OptimizerLike) -> Preco
     adaptive ones that have not stepped yet give a result whose ``status`` says so (the tensors are
     ``None``); configuration errors (a parameter in two groups, not an optimizer) raise.
     """
-    optimizers = _optimizers(optimizer)
+    optimizers = unwrap_optimizers(optimizer)
     owners = _owners(optimizers)
     rules: dict[tuple[int, int], _GroupRule] = {}
     for _, p in _selected(objective):
@@ -391,7 +391,7 @@ def stability_threshold(optimizer: OptimizerLike, group: int | None = None) -> f
     single optimizer; by default the group with the most parameter entries across all optimizers.
     Raises ``ValueError`` for optimizers this module does not model.
     """
-    optimizers = _optimizers(optimizer)
+    optimizers = unwrap_optimizers(optimizer)
     if group is not None:
         if len(optimizers) != 1:
             raise ValueError("group= picks a group of a single optimizer; pass one optimizer")
@@ -410,7 +410,7 @@ def stability_threshold(optimizer: OptimizerLike, group: int | None = None) -> f
 
 def reference_lr(objective: Objective, optimizer: OptimizerLike) -> float:
     """Learning rate of the parameter group holding the most of ``objective``'s parameters (any optimizer type)."""
-    owners = _owners(_optimizers(optimizer))
+    owners = _owners(unwrap_optimizers(optimizer))
     sizes: dict[tuple[int, int], tuple[float, int]] = {}
     for _, p in _selected(objective):
         if id(p) in owners:
@@ -449,7 +449,7 @@ def next_update(objective: Objective, optimizer: OptimizerLike, gradient: Tensor
     """
     if gradient.shape != (objective.num_params,):
         raise ValueError(f"gradient must have shape ({objective.num_params},), got {tuple(gradient.shape)}")
-    optimizers = _optimizers(optimizer)
+    optimizers = unwrap_optimizers(optimizer)
     owners = _owners(optimizers)
     parts = []
     sizes: dict[tuple[int, int], tuple[float, int]] = {}

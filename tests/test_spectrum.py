@@ -404,7 +404,9 @@ def test_measurement_on_two_million_parameters_stays_under_the_stated_memory_bou
         assert not got["reorthogonalized"] and got["basis_bytes"] == 0  # 40 vectors did not fit 100 MB
     bound = got["basis_bytes"] + 4 * vector + got["hvp_extra"]
     assert got["extra"] <= bound, got
-    assert got["extra"] < 100 * vector  # far below what an unbounded basis of 100 vectors would take
+    # Beyond what one HVP takes anyway (which varies with the allocator's state: 0.1-0.8 GB seen here),
+    # far below what an unbounded basis of 100 vectors would take.
+    assert got["extra"] - got["hvp_extra"] < 100 * vector
 
 
 @pytest.mark.parametrize(

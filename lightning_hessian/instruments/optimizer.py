@@ -34,6 +34,7 @@ from lightning_hessian.optimizer_geometry import (
     Rule,
     read_preconditioner,
     reference_lr,
+    unwrap_optimizers,
 )
 from lightning_hessian.stability import preconditioned_sharpness
 from lightning_hessian.step_curvature import step_curvature
@@ -41,15 +42,7 @@ from lightning_hessian.step_curvature import step_curvature
 
 def _unwrap(optimizers: Sequence[Any]) -> list[torch.optim.Optimizer]:
     """The torch optimizers behind the context's (Lightning's ``LightningOptimizer`` wrappers unwrapped)."""
-    out = []
-    for item in optimizers:
-        inner = item
-        while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-            inner = inner.optimizer
-        if not isinstance(inner, torch.optim.Optimizer):
-            raise TypeError(f"expected torch.optim.Optimizer objects in the context, got {type(item).__name__}")
-        out.append(inner)
-    return out
+    return unwrap_optimizers(list(optimizers)) if optimizers else []
 
 
 class _Skipper:

@@ -26,7 +26,14 @@ from lightning_hessian._agreement import AgreedCollectives, PeerFailedError
 from lightning_hessian._params import select_parameters
 from lightning_hessian._probe import load_probe_dataloader, resolve_loss_fn
 from lightning_hessian._probe_set import ProbeSet
-from lightning_hessian.instruments import Eigenvalues, Instrument, StepResult, eigen_provider, ordered
+from lightning_hessian.instruments import (
+    Eigenvalues,
+    Instrument,
+    StepResult,
+    eigen_provider,
+    ordered,
+    share_products,
+)
 from lightning_hessian.instruments.base import Artifact, InstrumentOutput, StepContext
 from lightning_hessian.instruments.landscape import Landscape
 from lightning_hessian.instruments.optimizer import StepCurvature
@@ -451,6 +458,7 @@ class _HessianMonitorCore:
                 if not ok:
                     self.scheduler.ran(name, step, self._clock() - t0)
                     break
+                share_products(ctx, [self._by_name[n] for n in names if n in self._by_name])
             one = functools.partial(self._one, ctx, name, ins)
             ok, out = self._guarded(trainer, f"the {name} measurement", functools.partial(self._agreed, one))
             seconds[name] = self._clock() - t0

@@ -72,6 +72,8 @@ def hutchinson_trace(
     n: int = 99,
     method: TraceMethod = "hutch++",
     seed: int = 0,
+    *,
+    products_out: list[tuple[Tensor, Tensor]] | None = None,
 ) -> TraceEstimate:
     """Estimate tr(H) (and tr(H^2)) with ``n`` Hessian-vector products.
 
@@ -82,6 +84,9 @@ def hutchinson_trace(
         method: ``"hutch++"`` (default: far lower variance when a few eigenvalues dominate, as they
             do in neural nets) or ``"hutchinson"`` (plain Rademacher probes).
         seed: seeds the private generator of the probes.
+        products_out: if given, receives the ``(v, Hv)`` pairs whose ``v`` is a plain Rademacher
+            vector (Hutch++'s sketch, every probe of plain Hutchinson), for a Hessian-diagonal
+            estimate at the same step to reuse (they cost two parameter-sized vectors each).
     """
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
@@ -89,10 +94,12 @@ def hutchinson_trace(
     if not isinstance(n, int) or n < minimum:
         raise ValueError(f"n must be an integer >= {minimum} for method={method!r}, got {n!r}")
     with objective.session():
-        return _hutchinson(objective, n, method, seed)
+        return _hutchinson(objective, n, method, seed, products_out)
 
 
-def _hutchinson(objective: Objective, n: int, method: str, seed: int) -> TraceEstimate:
+def _hutchinson(
+    objective: Objective, n: int, method: str, seed: int, products_out: list[tuple[Tensor, Tensor]] | None = None
+) -> TraceEstimate:
     start = time.perf_counter()
     before = objective.n_hvp
     gen = torch.Generator().manual_seed(seed)
@@ -103,7 +110,14 @@ def _hutchinson(objective: Objective, n: int, method: str, seed: int) -> TraceEs
     n_probe = n
     if method == "hutch++":
         m = min(n // 3, dim)
-        sketch = torch.stack([objective.hvp(_rademacher(dim, gen, like)) for _ in range(m)], dim=1)
+        columns = []
+        for _ in range(m):
+            v = _rademacher(dim, gen, like)
+            hv = objective.hvp(v)
+            columns.append(hv)
+            if products_out is not None:
+                products_out.append((v, hv))
+        sketch = torch.stack(columns, dim=1)
         basis, _ = torch.linalg.qr(sketch)  # (dim, m), orthonormal columns spanning H S
         for j in range(basis.shape[1]):
             hq = objective.hvp(basis[:, j])
@@ -116,6 +130,8 @@ def _hutchinson(objective: Objective, n: int, method: str, seed: int) -> TraceEs
         if basis is not None:
             v = v - basis @ (basis.T @ v)
         hv = objective.hvp(v)
+        if products_out is not None and basis is None:
+            products_out.append((v, hv))
         quad.append(float(v @ hv))
         sq.append(float(hv @ hv))
     q_mean, q_err = _mean_stderr(quad) if quad else (0.0, 0.0)

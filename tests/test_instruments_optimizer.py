@@ -549,3 +549,22 @@ def test_hessian_diagonal_raises_the_columns_to_two_per_tensor_on_deep_models() 
             assert m["diagonal_share_columns"] == 80 and 0 < m["diagonal_share"] <= 1
     (message,) = _optimizer_warnings(caught, "HessianDiagonal")
     assert "n_columns=64 is raised to 80" in message
+
+
+def test_hessian_diagonal_reuses_the_trace_products_of_the_same_step() -> None:
+    from lightning_hessian.instruments import Trace
+
+    case = _small_case()
+    objective = Objective(case.model, case.loss_fn, case.batches)
+    objective.hvp(torch.ones(objective.num_params))  # the one-off symmetry check, out of the counts below
+    h = dense_hessian(case)
+    alone = run_instruments(objective, [HessianDiagonal(n_hvp=30, n_columns=24)])
+    both = run_instruments(objective, [HessianDiagonal(n_hvp=30, n_columns=24), Trace(n_hvp=30)])
+    record = both.outputs["hessian_diagonal"].artifacts[0].data["hessian_diagonal"]
+    assert record["reused_trace_products"] == 10  # Hutch++'s sketch: a third of its 30 products, Rademacher
+    assert record["n_samples"] == 30
+    # 10 fewer products than the two instruments alone: the diagonal drew only 20 new probes.
+    assert both.metrics["hvp_count"] == alone.metrics["hvp_count"] + 30 - 10
+    diag = torch.diagonal(h)
+    assert abs(record["trace"] - float(diag.sum())) < 4 * record["trace_stderr"]
+    assert both.metrics["trace"] == pytest.approx(run_instruments(objective, [Trace(n_hvp=30)]).metrics["trace"])

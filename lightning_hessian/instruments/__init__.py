@@ -30,8 +30,18 @@ class StepResult:
 
 
 def ordered(instruments: Sequence[Instrument]) -> list[Instrument]:
-    """Eigenvalues first (others reuse its eigenpairs), then the rest in the given order."""
-    return sorted(instruments, key=lambda ins: 0 if isinstance(ins, Eigenvalues) else 1)
+    """Eigenvalues first (others reuse its eigenpairs), then Trace (a HessianDiagonal reuses its
+    Rademacher products), then the rest in the given order."""
+    return sorted(
+        instruments, key=lambda ins: 0 if isinstance(ins, Eigenvalues) else 1 if isinstance(ins, Trace) else 2
+    )
+
+
+def share_products(ctx: StepContext, instruments: Sequence[Instrument]) -> None:
+    """When a Trace and a HessianDiagonal run at the same step, let the second reuse the first's products."""
+    names = {type(ins).__name__ for ins in instruments}
+    if {"Trace", "HessianDiagonal"} <= names:
+        ctx.shared["rademacher_products"] = []
 
 
 def eigen_provider(instruments: Sequence[Instrument]) -> Any:
@@ -62,6 +72,7 @@ def run_instruments(
     )
     if ctx.eigen_provider is None:
         ctx.eigen_provider = eigen_provider(chosen)
+    share_products(ctx, chosen)
     metrics: dict[str, float] = {}
     outputs: dict[str, InstrumentOutput] = {}
     seconds: dict[str, float] = {}
@@ -98,4 +109,5 @@ __all__ = [
     "Trace",
     "ordered",
     "run_instruments",
+    "share_products",
 ]

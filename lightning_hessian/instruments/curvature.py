@@ -172,7 +172,15 @@ class Trace(Instrument):
         return float(self.n_hvp + 2)
 
     def run(self, ctx: StepContext) -> InstrumentOutput:
-        estimate = hutchinson_trace(ctx.objective, n=self.n_hvp, method=self.method, seed=ctx.seed)  # type: ignore[arg-type]
+        # Rademacher products a HessianDiagonal at this step reuses (the monitor asks when one runs).
+        shared = ctx.shared.get("rademacher_products")
+        estimate = hutchinson_trace(
+            ctx.objective,
+            n=self.n_hvp,
+            method=self.method,  # type: ignore[arg-type]
+            seed=ctx.seed,
+            products_out=shared if isinstance(shared, list) else None,
+        )
         n = ctx.objective.num_params
         return InstrumentOutput(
             {

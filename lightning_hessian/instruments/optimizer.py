@@ -388,7 +388,12 @@ class HessianDiagonal(Instrument):
 
     def run(self, ctx: StepContext) -> InstrumentOutput:
         objective = ctx.objective
-        estimate = hessian_diagonal(objective, n=self.n_hvp, seed=ctx.seed)
+        # A Trace at this step leaves its Rademacher products here: reused at no cost, and the new
+        # probes come from another seed so that no sample is counted twice.
+        reused = list(ctx.shared.get("rademacher_products") or [])[: self.n_hvp]
+        estimate = hessian_diagonal(
+            objective, n=max(self.n_hvp, 2), seed=ctx.seed + (1 if reused else 0), products=reused
+        )
         need = sum(min(2, math.prod(shape)) for _, shape in objective.param_shapes)
         n_columns = max(self.n_columns, need)
         if n_columns > self.n_columns:
@@ -420,6 +425,7 @@ class HessianDiagonal(Instrument):
                 "trace": estimate.trace,
                 "trace_stderr": estimate.trace_stderr,
                 "n_samples": estimate.n_samples,
+                "reused_trace_products": len(reused),
                 "share": share.value,
                 "share_stderr": share.stderr,
                 "diagonal_mass": share.diagonal_mass,

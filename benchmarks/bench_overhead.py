@@ -686,6 +686,7 @@ def per_instrument(run: dict[str, Any], steps: int, epochs: int) -> dict[str, di
             "runs": int(slot["runs"]),
             "steps": measured,
             "skipped": int(slot["skipped"]),
+            "next_allowed": int(slot["next_allowed"]),  # the budget's earliest next run (step) at the end
             "per_epoch": per_epoch,
             "seconds": secs,
         }
@@ -737,6 +738,7 @@ def resnet_section(args: argparse.Namespace) -> dict[str, Any]:
     }
     base_med = median([r["wall"] for r in base])
     step_seconds = base_med / (steps * epochs)
+    base_cpu = median([r["cpu"] for r in base])  # process CPU seconds: less sensitive to other jobs on the cores
     rows = []
     for c, runs in by_config.items():
         if c == "baseline" or not runs:
@@ -754,6 +756,7 @@ def resnet_section(args: argparse.Namespace) -> dict[str, Any]:
                 "overhead_paired": paired,
                 "overhead_paired_median": median(paired),
                 "measure_share_median": median([r["measure_seconds"] / r["wall"] for r in runs]),
+                "cpu_overhead_median": (median([r["cpu"] for r in runs]) - base_cpu) / base_cpu,
                 "timed_hvp_seconds": runs[0].get("timed_hvp_seconds"),
                 "measured_steps": [len(r["runs"]) for r in runs],
                 "instruments": inst,
@@ -767,7 +770,8 @@ def resnet_section(args: argparse.Namespace) -> dict[str, Any]:
         f"one training step {step_seconds:.3f} s (Lightning loop included)"
     )
     header = (
-        f"{'configuration':<16} {'wall':>7} {'overhead':>9} {'paired':>8} {'measuring':>10} {'#meas.':>7} "
+        f"{'configuration':<16} {'wall':>7} {'overhead':>9} {'paired':>8} {'CPU ovh.':>8} {'measuring':>10} "
+        f"{'#meas.':>7} "
         f"{'timed HVP':>9}  lambda_max per epoch"
     )
     print(header)
@@ -775,13 +779,14 @@ def resnet_section(args: argparse.Namespace) -> dict[str, Any]:
     for r in rows:
         print(
             f"{r['config']:<16} {r['wall_median']:>7.1f} {r['overhead_median']:>9.1%} "
-            f"{r['overhead_paired_median']:>8.1%} "
+            f"{r['overhead_paired_median']:>8.1%} {r['cpu_overhead_median']:>8.1%} "
             f"{r['measure_share_median']:>10.1%} {'/'.join(map(str, r['measured_steps'])):>7} "
             f"{_fmt(r['timed_hvp_seconds'], '.2f'):>9}  {r['lambda_max_per_epoch']}"
         )
     print(
         "overhead = (median with - median baseline) / median baseline; paired = median over rounds of the per-round "
-        "ratio; measuring = the monitor's measuring clock (instruments + the one timed HVP) / wall;\n"
+        "ratio; CPU ovh. = the same from process CPU seconds;\nmeasuring = the monitor's measuring clock "
+        "(instruments + the one timed HVP) / wall; "
         "timed HVP = seconds of the one HVP timed for the first-run estimates (the objective's first product)"
     )
     print(
@@ -793,7 +798,8 @@ def resnet_section(args: argparse.Namespace) -> dict[str, Any]:
         for name, t in r["instruments"].items():
             secs = ", ".join(f"{s:.1f}" for s in t["seconds"])
             print(
-                f"    {name:<20} runs {t['runs']:>2}  skipped {t['skipped']:>3}  per epoch {t['per_epoch']}  "
+                f"    {name:<20} runs {t['runs']:>2}  skipped {t['skipped']:>3}  next allowed at step "
+                f"{t['next_allowed']:>6}  per epoch {t['per_epoch']}  "
                 f"steps {t['steps']}  seconds [{secs}]"
             )
     defaults = next((r for r in rows if r["config"] == "defaults"), None)

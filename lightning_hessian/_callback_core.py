@@ -446,28 +446,31 @@ class _HessianMonitorCore:
         ctx: StepContext | None = None
         outputs: dict[str, InstrumentOutput] = {}
         seconds: dict[str, float] = {}
-        for name in [n for n in self._names if n in names]:
-            ins = self._by_name[name]
-            t0 = self._clock()
-            if ctx is None:
-                ok, ctx = self._guarded(
-                    trainer,
-                    "preparing the measurement",
-                    lambda: self._agreed(lambda: self._new_context(trainer, pl_module, step)),
-                )
-                if not ok:
-                    self.scheduler.ran(name, step, self._clock() - t0)
-                    break
-                share_products(ctx, [self._by_name[n] for n in names if n in self._by_name])
-            one = functools.partial(self._one, ctx, name, ins)
-            ok, out = self._guarded(trainer, f"the {name} measurement", functools.partial(self._agreed, one))
-            seconds[name] = self._clock() - t0
-            self.scheduler.ran(name, step, seconds[name])
-            if ok:
-                outputs[name] = out
-            else:
-                self._drop_objectives()  # rebuilt from scratch next time, on every rank alike
-                ctx = None
+        # One session for the whole step: the instruments share one gradient graph (freed at its end).
+        with contextlib.ExitStack() as session:
+            for name in [n for n in self._names if n in names]:
+                ins = self._by_name[name]
+                t0 = self._clock()
+                if ctx is None:
+                    ok, ctx = self._guarded(
+                        trainer,
+                        "preparing the measurement",
+                        lambda: self._agreed(lambda: self._new_context(trainer, pl_module, step)),
+                    )
+                    if not ok:
+                        self.scheduler.ran(name, step, self._clock() - t0)
+                        break
+                    share_products(ctx, [self._by_name[n] for n in names if n in self._by_name])
+                    session.enter_context(ctx.objective.session())
+                one = functools.partial(self._one, ctx, name, ins)
+                ok, out = self._guarded(trainer, f"the {name} measurement", functools.partial(self._agreed, one))
+                seconds[name] = self._clock() - t0
+                self.scheduler.ran(name, step, seconds[name])
+                if ok:
+                    outputs[name] = out
+                else:
+                    self._drop_objectives()  # rebuilt from scratch next time, on every rank alike
+                    ctx = None
         self._measure_seconds += self._clock() - started
         self._plan_budget(trainer, step)
         if outputs:

@@ -574,3 +574,28 @@ def test_unified_lightning_flavour_trains_and_measures(tmp_path: Path) -> None:
         trainer.fit(module, train_loader())
     lmax, _ = dense_spectrum_at(module, probe_loader())
     assert monitor.history[-1]["lambda_max"] == pytest.approx(lmax, rel=1e-4)
+
+
+def test_the_instruments_of_a_step_share_one_gradient_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_hessian.objective import Objective
+
+    builds: list[int] = []
+    original = Objective._build_graph
+
+    def counting(self: Any, chunk: Any) -> Any:
+        builds.append(len(chunk))
+        return original(self, chunk)
+
+    monkeypatch.setattr(Objective, "_build_graph", counting)
+    monitor = HessianMonitor(
+        instruments=[Eigenvalues(lambda_min_every=1), Trace(), SlopeFitTrace()],
+        every_n_steps=2,
+        budget=None,
+        at_fit_start=False,
+        at_fit_end=False,
+        probe_dataloader=probe_loader(),
+        loss_fn=probe_loss,
+    )
+    _fit(tmp_path, TanhModule(), [monitor], max_steps=2, max_epochs=-1)
+    assert _steps(monitor) == [2] and monitor.history[0]["hvp_count"] > 30
+    assert len(builds) == 1  # the whole probe set's graph, built once for the symmetry check, Lanczos and Hutch++

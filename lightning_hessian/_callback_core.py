@@ -37,7 +37,7 @@ from lightning_hessian.instruments import (
 from lightning_hessian.instruments.base import Artifact, InstrumentOutput, StepContext
 from lightning_hessian.instruments.landscape import Landscape
 from lightning_hessian.instruments.optimizer import StepCurvature
-from lightning_hessian.objective import HvpEngine, Objective
+from lightning_hessian.objective import HvpEngine, Objective, default_batch_size
 from lightning_hessian.run_files import RunFiles
 from lightning_hessian.scheduler import Scheduler, cadence_for, names_of
 from lightning_hessian.snapshots import Snapshot
@@ -73,7 +73,8 @@ class _HessianMonitorCore:
         budget: fraction of the training wall time so far that measuring may take (per process,
             decided identically on every rank); a measurement due earlier is postponed to the first
             step where it fits, and counted in ``{prefix}/skipped``. An instrument's first run is
-            planned from one timed HVP times its expected HVPs. ``None``: honour the schedule exactly.
+            planned from its expected HVPs, an HVP taken to cost three training steps on as many
+            samples until one is measured. ``None``: honour the schedule exactly.
         at_fit_start: measure before the first optimizer step (or at the resumed step); with a probe
             captured from training, once it is complete (step ``probe_batches - 1``). With a budget
             this is a request like any other: it runs once the training time has paid for it.
@@ -206,7 +207,8 @@ class _HessianMonitorCore:
         self._skips_announced = False
         self._constants_logged = False
         self._flags: dict[str, float] = {}
-        self._hvp_seconds: float | None = None
+        self._hvp_seconds: float | None = None  # seconds per HVP of the latest measurement
+        self._train_batch_size = 1
         self._pl_module: Any = None
         self._objective: Objective | None = None
         self._objective_names: list[str] = []
@@ -300,6 +302,7 @@ class _HessianMonitorCore:
             self._run(trainer, pl_module, self.scheduler.at_fit_start(int(trainer.global_step)))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._train_batch_size = default_batch_size(batch)
         if self.probe.capture(trainer, batch) and self.at_fit_start:
             # before this batch's update: the start of training
             self._run(trainer, pl_module, self.scheduler.at_fit_start(int(trainer.global_step)))
@@ -525,32 +528,19 @@ class _HessianMonitorCore:
     def _first_cost_estimates(self, trainer: Any) -> dict[str, float]:
         """Seconds each not-yet-run instrument is expected to take: its expected HVPs times one HVP's time.
 
-        One HVP is timed once per fit (on every rank, under the agreement: it is a collective under
-        DDP); if that fails, an HVP is taken to cost three training steps.
+        Free of any extra work: before anything was measured, an HVP is taken to cost three training
+        steps on as many samples (an HVP is about 2.5-3 gradients on the same batch); afterwards it
+        is the seconds per HVP of the latest measurement.
         """
         fresh = [name for name, slot in self.scheduler.slots.items() if slot.runs == 0]
         if not fresh or not self.probe.complete:
             return {}
-        if self._hvp_seconds is None:
-            self._hvp_seconds = self._time_one_hvp(trainer)
-        return {name: self._by_name[name].expected_hvps() * self._hvp_seconds for name in fresh}
-
-    def _time_one_hvp(self, trainer: Any) -> float:
-        module = self._pl_module
-        started = self._clock()
-
-        def one() -> None:
-            objective = self._make_objective(module)
-            with objective.session():
-                objective.hvp(objective.parameters() * 0 + 1)
-
-        ok, _ = self._guarded(trainer, "timing one Hessian-vector product", lambda: self._agreed(one))
-        seconds = self._clock() - started
-        self._measure_seconds += seconds
-        if ok:
-            return seconds
-        step_seconds = self._train_seconds() / max(int(trainer.global_step), 1)
-        return 3.0 * step_seconds
+        hvp_seconds = self._hvp_seconds
+        if hvp_seconds is None:
+            step_seconds = self._train_seconds() / max(int(trainer.global_step), 1)
+            probe_samples = sum(default_batch_size(b) for b in self.probe.batches)
+            hvp_seconds = 3.0 * step_seconds * probe_samples / max(self._train_batch_size, 1)
+        return {name: self._by_name[name].expected_hvps() * hvp_seconds for name in fresh}
 
     def _record(
         self,
@@ -569,6 +559,8 @@ class _HessianMonitorCore:
         if metrics:
             metrics["hvp_count"] = float(self._hvp_count() - hvp_before)
             metrics["seconds"] = float(sum(seconds.values()))
+            if metrics["hvp_count"] > 0:  # what the next first runs are planned with
+                self._hvp_seconds = metrics["seconds"] / metrics["hvp_count"]
             metrics["skipped"] = float(self.scheduler.skipped)
         eigen = None if ctx is None else ctx.shared.get("eigen")
         self.last_measurement = StepResult(metrics=dict(metrics), outputs=outputs, seconds=seconds, eigen=eigen)

@@ -11,7 +11,7 @@ training-step time so far, its spending plus one more run of the same cost fits 
 measurement that is due before then is *postponed*: it stays pending and runs at the first
 allowed step; further due points while it is pending are coalesced. Both count as skipped.
 The start and the end of fit are due points like the others. An instrument that has not run yet
-is planned with an estimated cost (its expected HVPs times the time of one timed HVP).
+is planned with an estimated cost (its expected HVPs times an estimated HVP time).
 """
 
 from __future__ import annotations

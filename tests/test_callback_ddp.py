@@ -44,7 +44,7 @@ MONITOR_KWARGS: dict[str, Any] = dict(loss_fn=probe_loss, seed=3, budget=None)
 
 
 def _instruments(lambda_min: bool = True, trace: bool = True) -> list[Any]:
-    chosen: list[Any] = [Eigenvalues(lambda_min=lambda_min, tol=1e-5, tol_min=1e-4, max_hvp=150)]
+    chosen: list[Any] = [Eigenvalues(lambda_min=lambda_min, lambda_min_every=1, tol=1e-5, tol_min=1e-4, max_hvp=150)]
     return [*chosen, Trace(n_hvp=30)] if trace else chosen
 
 

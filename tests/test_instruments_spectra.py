@@ -144,7 +144,7 @@ def test_spectral_density_marks_the_shared_eigenpairs_and_draws_an_image() -> No
     case, h = _small()
     obj = Objective(case.model, case.loss_fn, case.batches)
     dense = np.linalg.eigvalsh(h.numpy())
-    eigen_instrument = Eigenvalues(tol=1e-6, tol_min=1e-5, max_hvp=200)
+    eigen_instrument = Eigenvalues(tol=1e-6, tol_min=1e-5, max_hvp=200, lambda_min_every=1)
     result = run_instruments(obj, [SpectralDensity(max_hvp=60, n_starts=2), eigen_instrument])
     eigen = result.eigen
     record = _record(result, "spectral_density")

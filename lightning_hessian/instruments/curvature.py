@@ -74,7 +74,8 @@ class Eigenvalues(Instrument):
         return 30.0 if self._wants_bottom() else 10.0
 
     def _wants_bottom(self) -> bool:
-        return self.lambda_min and self._runs % self.lambda_min_every == 0
+        """lambda_min at runs every-1, 2*every-1, ...: the first run is top-only, the cheapest to plan."""
+        return self.lambda_min and self._runs % self.lambda_min_every == self.lambda_min_every - 1
 
     def check(self, num_params: int) -> None:
         if self.k >= num_params:

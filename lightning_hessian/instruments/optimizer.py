@@ -382,6 +382,9 @@ class HessianDiagonal(Instrument):
         self.n_columns = _validate.positive_int("n_columns", n_columns, minimum=2)
         self._warnings = _Skipper("HessianDiagonal")
 
+    def expected_hvps(self) -> float:
+        return float(self.n_hvp + self.n_columns)  # raised to two columns per tensor on deep models
+
     def check(self, num_params: int) -> None:
         if num_params < 2:
             raise ValueError(f"HessianDiagonal needs at least 2 selected parameters, got {num_params}")

@@ -313,12 +313,12 @@ class _HessianMonitorCore:
         if self.scheduler.needs_replan:  # the fit-start measurement was planned before any step was timed
             self._plan_budget(trainer, int(trainer.global_step))
         names = self.due_instruments(trainer, step=int(trainer.global_step))
-        self._run(trainer, pl_module, names)
+        self._run(trainer, pl_module, self._confirmed(trainer, names))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._settle_probe(trainer, f"the end of epoch {trainer.current_epoch}")
         names = self.due_instruments(trainer, epoch=int(trainer.current_epoch))
-        self._run(trainer, pl_module, names)
+        self._run(trainer, pl_module, self._confirmed(trainer, names))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._settle_probe(trainer, "the end of training")
@@ -364,6 +364,15 @@ class _HessianMonitorCore:
         if epoch is not None:
             return self.scheduler.at_epoch_end(epoch, int(trainer.global_step))
         return []
+
+    def _confirmed(self, trainer: Any, names: list[str]) -> list[str]:
+        """Plan again before running what an earlier plan allowed: that plan's step time may have been off
+        (the first steps carry the fit's start-up), so the budget is checked against the time so far."""
+        if not names or self.budget is None or not self.probe.complete or trainer.sanity_checking:
+            return names
+        step = int(trainer.global_step)
+        self._plan_budget(trainer, step)
+        return self.scheduler.confirm(step, names)
 
     def _settle_probe(self, trainer: Any, where: str) -> None:
         message = self.probe.settle(trainer, where)

@@ -166,6 +166,14 @@ class Scheduler:
             if name in self.slots:
                 self.slots[name].next_allowed = int(next_allowed)
 
+    def confirm(self, step: int, names: list[str]) -> list[str]:
+        """After a fresh plan at ``step``: the names that still fit; the others stay pending (postponed)."""
+        kept = [name for name in names if self.budget is None or step >= self.slots[name].next_allowed]
+        for name in set(names) - set(kept):
+            self.slots[name].skipped += 1
+            self.new_skips += 1
+        return kept
+
     def take_new_skips(self) -> int:
         n, self.new_skips = self.new_skips, 0
         return n

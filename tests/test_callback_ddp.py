@@ -274,3 +274,28 @@ def test_ddp_resume_measures_every_ranks_own_probe_shard(tmp_path: Path) -> None
     assert _rel(dense_after, rank_zero_only) > 1e-3  # the comparison can tell the two apart
     assert _rel(second["records"][6]["lambda_max"], dense_after) < 1e-4, (second["records"][6], dense_after)
     assert sorted(second["records"]) == [1, 2, 4, 6]  # the JSONL in the same directory: each step once
+
+
+def test_a_budgeted_ddp_run_decides_identically_on_every_rank(tmp_path: Path) -> None:
+    """With a budget every rank must run the same measurements (their collectives pair up): the plan is
+    rank zero's, broadcast. A mismatch would strand a rank in a collective (a 60 s timeout here)."""
+    pl.seed_everything(1234)
+    csv_logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    recorder = RankRecordingLogger(str(tmp_path / "ranks"))
+    monitor = HessianMonitor(
+        instruments=[Eigenvalues(lambda_min=False, tol=1e-5)],
+        every_n_steps=1,
+        budget=0.9,
+        probe_dataloader=probe_loader(n=64),  # one batch per rank: a first run estimated at ~30 steps
+        loss_fn=probe_loss,
+        seed=3,
+        on_error="raise",
+    )
+    trainer = _ddp_trainer(tmp_path, [monitor], max_steps=80, logger=[csv_logger, recorder])
+    _spawned(lambda: trainer.fit(TanhModule(), ddp_train_loader()))  # returns: no rank was left waiting
+    jsonl = [
+        json.loads(line) for line in (Path(csv_logger.log_dir) / "hessian" / "hessian.jsonl").read_text().splitlines()
+    ]
+    steps = [int(e["step"]) for e in jsonl]
+    assert steps and steps == sorted(set(steps))
+    assert all(math.isfinite(e["lambda_max"]) for e in jsonl)

@@ -60,7 +60,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -78,6 +78,9 @@ from lightning_hessian.instruments import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from quickstart import DigitsClassifier, digits_loaders
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import ResNet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 SEED = 0
@@ -483,22 +486,6 @@ RESNET_RESULTS = RESULTS.with_name("overhead_resnet.json")
 BATCH = 128
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-
 class ResNetClassifier(pl.LightningModule):
     """CIFAR ResNet with 2 basic blocks per stage (ResNet-14, 16/32/64 channels, BatchNorm): 175,258 parameters.
 
@@ -508,17 +495,10 @@ class ResNetClassifier(pl.LightningModule):
     def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
         self.lr = lr
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        layers: list[nn.Module] = []
-        cin = 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.head = nn.Linear(64, 10)
+        self.net = ResNet()  # the network of bench_memory.py: both benchmarks measure the same model
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.layers(self.stem(x)).mean((2, 3)))
+        return self.net(x)  # type: ignore[no-any-return]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch

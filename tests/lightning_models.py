@@ -94,8 +94,9 @@ class ManualOptimModule(TanhModule):
         return [torch.optim.SGD(first, lr=0.05), torch.optim.SGD(self.net[4].parameters(), lr=0.05)]
 
 
-def dense_spectrum_at(module: nn.Module, loader: DataLoader) -> tuple[float, float]:
-    """(lambda_max, lambda_min) of the dense float64 Hessian of the sample-weighted probe loss, eval mode."""
+def dense_hessian_at(module: nn.Module, loader: Any) -> Tensor:
+    """The dense float64 Hessian of the sample-weighted cross-entropy probe loss (eval mode), in the
+    order of ``module.named_parameters()``: the independent ground truth of the callback tests."""
     model = copy.deepcopy(module).double().eval()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
@@ -112,7 +113,12 @@ def dense_spectrum_at(module: nn.Module, loader: DataLoader) -> tuple[float, flo
         return out / total
 
     theta = torch.cat([params[n].detach().reshape(-1) for n in names])
-    ev = torch.linalg.eigvalsh(torch.func.hessian(f)(theta))
+    return torch.func.hessian(f)(theta)
+
+
+def dense_spectrum_at(module: nn.Module, loader: Any) -> tuple[float, float]:
+    """(lambda_max, lambda_min) of :func:`dense_hessian_at`."""
+    ev = torch.linalg.eigvalsh(dense_hessian_at(module, loader))
     return float(ev[-1]), float(ev[0])
 
 

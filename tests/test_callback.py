@@ -21,6 +21,7 @@ from lightning_models import (
     BNDropoutModule,
     ManualOptimModule,
     TanhModule,
+    dense_hessian_at,
     dense_spectrum_at,
     probe_loader,
     probe_loss,
@@ -496,31 +497,8 @@ def test_a_user_defined_instrument_is_measured_logged_and_right(tmp_path: Path) 
     gen = torch.Generator().manual_seed(5)
     u = torch.randn(sum(p.numel() for p in module.parameters()), generator=gen, dtype=torch.float64)
     u = u / u.norm()
-    dense = dense_hessian_of(module)
+    dense = dense_hessian_at(module, probe_loader())
     assert float(rows[-1]["hessian/curvature_along_u"]) == pytest.approx(float(u @ dense @ u), rel=1e-4)
-
-
-def dense_hessian_of(module: TanhModule) -> Tensor:
-    import copy
-
-    model = copy.deepcopy(module).double().eval()
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    batches = [(x.double(), y) for x, y in probe_loader()]
-    total = sum(len(y) for _, y in batches)
-
-    def f(flat: Tensor) -> Tensor:
-        values = {n: t.view(sh) for n, t, sh in zip(names, flat.split(sizes), shapes)}
-        out = sum(
-            len(y) * torch.nn.functional.cross_entropy(torch.func.functional_call(model, values, (x,)), y)
-            for x, y in batches
-        )
-        return out / total
-
-    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
-    return torch.func.hessian(f)(theta)
 
 
 def test_results_are_available_on_the_callback(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ four standard errors of the truth, block traces within four standard errors, blo
 
 from __future__ import annotations
 
-import copy
 import functools
 import io
 import json
@@ -43,7 +42,7 @@ from lightning_hessian.instruments import (
 )
 from lightning_hessian.snapshots import save_snapshot
 from lightning_hessian.spectra_files import list_blocks, list_densities, load_blocks, load_density
-from lightning_models import TanhModule, probe_loader, probe_loss, train_loader, trainer_kwargs
+from lightning_models import TanhModule, dense_hessian_at, probe_loader, probe_loss, train_loader, trainer_kwargs
 from test_render import make_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -345,32 +344,9 @@ def test_render_command_finds_spectra_next_to_landscapes_and_alone(tmp_path: Pat
 
 
 def _dense_probe_hessian(module: nn.Module) -> tuple[Tensor, list[str]]:
-    """The dense float64 Hessian of the sample-weighted probe loss at the module's weights (eval mode)."""
-    model = copy.deepcopy(module).double().eval()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    batches = [(x.double(), y) for x, y in probe_loader()]
-    total = sum(len(y) for _, y in batches)
-
-    def f(flat: Tensor) -> Tensor:
-        values = {n: t.view(s) for n, t, s in zip(names, flat.split(sizes), shapes)}
-        out = sum(len(y) * probe_loss(_Call(model, values), (x, y)) for x, y in batches)
-        return out / total  # type: ignore[no-any-return]
-
-    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
-    return torch.func.hessian(f)(theta), names
-
-
-class _Call:
-    """``module(x)`` with the given parameter values (a functional call), as ``probe_loss`` expects."""
-
-    def __init__(self, model: nn.Module, values: dict[str, Tensor]) -> None:
-        self.model, self.values = model, values
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return torch.func.functional_call(self.model, self.values, (x,))  # type: ignore[no-any-return]
+    """The dense float64 Hessian of the sample-weighted probe loss at the module's weights, and its parameter names."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    return dense_hessian_at(module, probe_loader()), names
 
 
 def _tensorboard(log_dir: str) -> Any:

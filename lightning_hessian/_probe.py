@@ -21,10 +21,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t.to(device))
 
 
-def to_cpu(batch: Any) -> Any:
-    return apply_to_collection(batch, Tensor, lambda t: t.detach().cpu())
-
-
 def load_probe_dataloader(loader: Iterable[Any], trainer: Any, pl_module: Any) -> list[Any]:
     """This rank's share of a user probe loader, through the training loop's own batch pipeline.
 

@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
-
 from lightning_hessian import _validate
 from lightning_hessian.objective import Objective
 
@@ -88,16 +86,6 @@ class StepContext:
             return
         with self.progress_factory(what, total) as update:
             yield update
-
-    @property
-    def learning_rate(self) -> float | None:
-        """The one learning rate of a single optimizer with a single parameter group, else ``None``."""
-        if len(self.optimizers) == 1 and len(self.optimizers[0].param_groups) == 1:
-            lr = self.optimizers[0].param_groups[0].get("lr")
-            if isinstance(lr, Tensor):
-                lr = float(lr)
-            return float(lr) if isinstance(lr, (int, float)) else None
-        return None
 
     def eigenpairs(self, both_ends: bool = True) -> Any:
         """The extremal eigenpairs at this step (an :class:`~lightning_hessian.EigenResult`), computed once.

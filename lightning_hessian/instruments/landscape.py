@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -142,8 +143,6 @@ class Landscape(Instrument):
 
 
 def _with_seed(config: LandscapeConfig, seed: int) -> LandscapeConfig:
-    from dataclasses import replace
-
     return replace(config, seed=seed)
 
 

@@ -38,6 +38,7 @@ AllReduceSum = Callable[[Tensor], Tensor]
 
 _ENGINES: tuple[str, ...] = get_args(HvpEngine)
 _CHECK_VECTORS = 4  # 4 products give 6 pairs u'Hw, w'Hu
+_CHECK_SAMPLES = 16  # the symmetry check's slice of the first probe batch
 # hvp="auto"'s default budget: graphs alive at once within this multiple of a training step's saved
 # activations (measured peak: see benchmarks/bench_memory.py), and never below a size at which
 # memory is not worth trading time for.
@@ -182,6 +183,19 @@ def _checked(loss: Any) -> Tensor:
     return loss.reshape(())
 
 
+def _graph_products(leaves: list[Tensor], flat_grad: Tensor, vectors: Tensor, keep: bool) -> Tensor:
+    """Rows ``H v`` by double backward through one gradient graph; ``keep`` holds the graph afterwards."""
+    out = torch.zeros_like(vectors)
+    if not flat_grad.requires_grad:  # linear in the parameters: this graph's Hessian is zero
+        return out
+    last = len(vectors) - 1
+    for r, v in enumerate(vectors):
+        with _second_order("double backward"):
+            hv = torch.autograd.grad(flat_grad, leaves, grad_outputs=v, retain_graph=keep or r < last, allow_unused=True)
+        out[r] = flatten([torch.zeros_like(x) if h is None else h for h, x in zip(hv, leaves)])
+    return out
+
+
 class Objective:
     """Sample-weighted mean of ``loss_fn(model, batch)`` over fixed ``batches``, as a function of parameters.
 
@@ -196,7 +210,8 @@ class Objective:
             held for the session: fastest, most memory), ``"double_backward"`` (a fresh graph per
             batch and product), ``"forward_over_reverse"`` (``torch.func``) or
             ``"finite_difference"``. ``"auto"`` checks once that double backward runs and is
-            symmetric (four products of random vectors, counted in ``n_hvp_check``).
+            symmetric (four products of random vectors on a slice of at most 16 samples of the
+            first batch, counted in ``n_hvp_check``).
         mode: ``"eval"`` (dropout off, BatchNorm on running statistics: one fixed symmetric
             operator) or ``"batch_stats"`` (BatchNorm on batch statistics over copied buffers).
         batch_size_fn: weight of a batch; default: leading dimension of its first tensor.
@@ -706,7 +721,6 @@ class Objective:
         if self._held_key != key:
             self._held, self._held_key = {}, key
         out = torch.zeros_like(vectors)
-        last = len(vectors) - 1
         for i, chunk in enumerate(self._chunks):
             hold = i < self._n_held
             graph = self._held.get(i)
@@ -716,14 +730,7 @@ class Objective:
                     self._held[i] = graph
             leaves, flat_grad = graph
             del graph
-            if not flat_grad.requires_grad:  # linear in the parameters: this chunk's Hessian is zero
-                continue
-            for r, v in enumerate(vectors):
-                with _second_order("double backward"):
-                    hv = torch.autograd.grad(
-                        flat_grad, leaves, grad_outputs=v, retain_graph=hold or r < last, allow_unused=True
-                    )
-                out[r] += flatten([torch.zeros_like(x) if h is None else h for h, x in zip(hv, leaves)])
+            out += _graph_products(leaves, flat_grad, vectors, keep=hold)
             del leaves, flat_grad
         return out
 
@@ -734,14 +741,17 @@ class Objective:
         functions, the weight-norm parametrization's kernel) are silently cut out of or wrong in
         the graph, which leaves a wrong, non-symmetric operator. The check multiplies
         ``_CHECK_VECTORS`` seeded Gaussian vectors and compares every pair ``u'Hw`` with ``w'Hu``
-        (see :func:`asymmetry`). The products are counted in ``n_hvp_check``, not ``n_hvp``, so
-        that results of repeated calls stay comparable.
+        (see :func:`asymmetry`). What it tests is how the model's ops differentiate twice, not the
+        data, so it runs on at most ``_CHECK_SAMPLES`` samples of the first probe batch (on the
+        CIFAR ResNet of ``benchmarks/bench_overhead.py`` the whole-probe check cost 2.8 HVPs, a
+        third of a first measurement). The products are counted in ``n_hvp_check``, not
+        ``n_hvp``, so that results of repeated calls stay comparable.
         """
         gen = torch.Generator().manual_seed(2**31 - 1)
         vectors = torch.randn(_CHECK_VECTORS, self.num_params, generator=gen, dtype=torch.float64)
         vectors = vectors.to(self.device, self.dtype)
         self.n_hvp_check += _CHECK_VECTORS
-        products = self._reduce(self._chunked_hvps(vectors))
+        products = self._reduce(self._check_products(vectors))
         ratio = asymmetry(vectors, products)
         self.asymmetry_estimate = ratio
         tol = symmetry_tolerance(self.dtype)
@@ -753,6 +763,27 @@ class Objective:
                 "parametrization)"
             )
         self._verified = True
+
+    def _check_products(self, vectors: Tensor) -> Tensor:
+        """``vectors``' products under the Hessian of a slice of the first probe batch (the whole first chunk when
+        the batch is small or cannot be cut or run in a slice)."""
+        assert self._chunks is not None
+        batch = self.batches[0]
+        n = _first_tensor_size(batch) or 0
+        pieces = split_batch(batch, [_CHECK_SAMPLES, n - _CHECK_SAMPLES]) if n > _CHECK_SAMPLES else None
+        if pieces is not None:
+            try:
+                return self._block_products([(pieces[0], 1.0)], vectors)
+            except (torch.OutOfMemoryError, MemoryError, SecondOrderUnavailableError):
+                raise
+            except Exception:  # a model that cannot run a slice: check on its first chunk
+                pass
+        return self._block_products(self._chunks[0], vectors)
+
+    def _block_products(self, chunk: list[tuple[Any, float]], vectors: Tensor) -> Tensor:
+        """Products of ``vectors`` under one chunk's Hessian, its graph built once and freed."""
+        leaves, flat_grad = self._build_graph(chunk)
+        return _graph_products(leaves, flat_grad, vectors, keep=False)
 
     def _fall_back(self, reason: str) -> None:
         self.release()

@@ -545,3 +545,47 @@ def test_quantization_observers_are_not_updated_by_the_analysis() -> None:
     obj.hvp(torch.ones(obj.num_params))
     obj.losses_at(0.1 * torch.ones(1, obj.num_params))
     assert_untouched(before, model)
+
+
+def _graph_sizes(obj: Objective, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Record the batch sizes of every gradient graph the objective builds."""
+    sizes: list[list[int]] = []
+    build = obj._build_graph
+
+    def recording(chunk):  # type: ignore[no-untyped-def]
+        sizes.append([int(b[0].shape[0]) for b, _ in chunk])
+        return build(chunk)
+
+    monkeypatch.setattr(obj, "_build_graph", recording)
+    return sizes
+
+
+def test_symmetry_check_runs_on_a_slice_of_the_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check tests the ops, not the data: 16 samples of the first batch, then the products on the whole probe."""
+    case = tanh_mlp_case()  # batches of 64 and 32 samples
+    exact = dense_hessian(case)
+    obj = _objective(case, hvp="auto")
+    sizes = _graph_sizes(obj, monkeypatch)
+    v = torch.randn(obj.num_params, generator=torch.Generator().manual_seed(3))
+    hv = obj.hvp(v).double()
+    assert sizes[0] == [16]  # the check
+    assert sum(sum(s) for s in sizes[1:]) == 96  # the product: every probe sample once
+    assert obj.n_hvp_check == 4 and obj.asymmetry_estimate is not None and obj.asymmetry_estimate < 1e-4
+    assert torch.allclose(hv, exact @ v.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_symmetry_check_uses_the_first_chunk_when_a_slice_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    case = tanh_mlp_case()
+
+    def fixed_size_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        if batch[0].shape[0] not in (64, 32, 8):  # a model that only runs on the sizes it was built for
+            raise RuntimeError("shape mismatch")
+        return case.loss_fn(model, batch)
+
+    obj = Objective(case.model, fixed_size_loss, case.batches, hvp="double_backward")
+    obj.hvp_engine = "auto"  # the auto engine's check, on the fixed plan (one graph per batch)
+    obj._plan_fixed("double_backward")
+    sizes = _graph_sizes(obj, monkeypatch)
+    obj.hvp(torch.ones(obj.num_params))
+    assert sizes[:2] == [[16], [64]]  # the slice failed to run: the check fell back to the first batch
+    assert obj.active_engine == "double_backward" and obj.asymmetry_estimate is not None

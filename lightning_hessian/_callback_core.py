@@ -44,6 +44,7 @@ from lightning_hessian.snapshots import Snapshot
 
 _SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 _STATE_VERSION = 2
+_HVP_IN_TRAINING_STEPS = 2.5  # an HVP's cost in training steps on as many samples, until one is timed
 _ENGINES = ("auto", "cached", "double_backward", "forward_over_reverse", "finite_difference")
 
 
@@ -73,7 +74,7 @@ class _HessianMonitorCore:
         budget: fraction of the training wall time so far that measuring may take (per process,
             decided identically on every rank); a measurement due earlier is postponed to the first
             step where it fits, and counted in ``{prefix}/skipped``. An instrument's first run is
-            planned from its expected HVPs, an HVP taken to cost three training steps on as many
+            planned from its expected HVPs, an HVP taken to cost 2.5 training steps on as many
             samples until one is measured. ``None``: honour the schedule exactly.
         at_fit_start: measure before the first optimizer step (or at the resumed step); with a probe
             captured from training, once it is complete (step ``probe_batches - 1``). With a budget
@@ -537,9 +538,10 @@ class _HessianMonitorCore:
     def _first_cost_estimates(self, trainer: Any) -> dict[str, float]:
         """Seconds each not-yet-run instrument is expected to take: its expected HVPs times one HVP's time.
 
-        Free of any extra work: before anything was measured, an HVP is taken to cost three training
-        steps on as many samples (an HVP is about 2.5-3 gradients on the same batch); afterwards it
-        is the seconds per HVP of the latest measurement.
+        Free of any extra work: before anything was measured, an HVP is taken to cost 2.5 training
+        steps on as many samples (measured 2.4-3.1 on the CIFAR ResNet of
+        ``benchmarks/bench_overhead.py``: a forward pass, a backward pass that keeps its graph and
+        a double backward); afterwards it is the seconds per HVP of the latest measurement.
         """
         fresh = [name for name, slot in self.scheduler.slots.items() if slot.runs == 0]
         if not fresh or not self.probe.complete:
@@ -548,7 +550,7 @@ class _HessianMonitorCore:
         if hvp_seconds is None:
             step_seconds = self._train_seconds() / max(int(trainer.global_step), 1)
             probe_samples = sum(default_batch_size(b) for b in self.probe.batches)
-            hvp_seconds = 3.0 * step_seconds * probe_samples / max(self._train_batch_size, 1)
+            hvp_seconds = _HVP_IN_TRAINING_STEPS * step_seconds * probe_samples / max(self._train_batch_size, 1)
         return {name: self._by_name[name].expected_hvps() * hvp_seconds for name in fresh}
 
     def _record(

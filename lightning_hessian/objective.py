@@ -191,7 +191,9 @@ def _graph_products(leaves: list[Tensor], flat_grad: Tensor, vectors: Tensor, ke
     last = len(vectors) - 1
     for r, v in enumerate(vectors):
         with _second_order("double backward"):
-            hv = torch.autograd.grad(flat_grad, leaves, grad_outputs=v, retain_graph=keep or r < last, allow_unused=True)
+            hv = torch.autograd.grad(
+                flat_grad, leaves, grad_outputs=v, retain_graph=keep or r < last, allow_unused=True
+            )
         out[r] = flatten([torch.zeros_like(x) if h is None else h for h, x in zip(hv, leaves)])
     return out
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from helpers import Case, assert_untouched, compute_dense_hessian, dense_hessian, snapshot
 from lightning_hessian import HessianMonitor, Objective
 from lightning_hessian.instruments import (
+    Eigenvalues,
     HessianDiagonal,
     OptimizerCurvature,
     StepCurvature,
@@ -568,3 +569,18 @@ def test_hessian_diagonal_reuses_the_trace_products_of_the_same_step() -> None:
     diag = torch.diagonal(h)
     assert abs(record["trace"] - float(diag.sum())) < 4 * record["trace_stderr"]
     assert both.metrics["trace"] == pytest.approx(run_instruments(objective, [Trace(n_hvp=30)]).metrics["trace"])
+
+
+def test_eigenvalues_and_step_curvature_share_one_gradient() -> None:
+    """The gradient-guided Lanczos start and the step curvature take the probe gradient once per step."""
+    case = _small_case()
+    objective = Objective(case.model, case.loss_fn, case.batches)
+    result = run_instruments(objective, [Eigenvalues(lambda_min=False), StepCurvature(direction="gradient")])
+    h = dense_hessian(case)
+    assert objective.n_grad == 1
+    assert result.metrics["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-3)
+    g = objective.grad().double()
+    assert result.metrics["gradient_curvature"] == pytest.approx(float(g @ h @ g / (g @ g)), rel=1e-4)
+    alone = Objective(case.model, case.loss_fn, case.batches)
+    run_instruments(alone, [Eigenvalues(lambda_min=False, gradient_start=False)])
+    assert alone.n_grad == 0

@@ -432,3 +432,38 @@ def test_krylov_basis_products_and_in_place_restart_match_dense_algebra(storage,
     basis.restart(mix, m)  # in place, slab by slab
     for i in range(3):
         assert float((basis.get(i) - expected[i]).norm()) <= atol * float(expected[i].norm())
+
+
+def test_a_guide_in_the_top_eigenspace_saves_products_and_keeps_the_answer() -> None:
+    """A start guided by a vector close to the top eigenvector converges in fewer products, to the same values."""
+    vals = _planted(400)
+    vals[-2] = 3.8  # a small gap at the top: slow from a random start
+    model = QuadraticModel(vals)
+    obj = Objective(model, quadratic_loss, [None])
+    eig = torch.linalg.eigh(model.a)
+    top = eig.eigenvectors[:, -1]
+    noise = torch.randn(400, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    guide = top + 0.3 * noise / noise.norm()  # like a gradient: mostly, not only, in the top eigenspace
+    cold = extremal_eigenpairs(obj, which="top", tol=1e-3)
+    guided = extremal_eigenpairs(obj, which="top", tol=1e-3, guide=guide)
+    assert guided.n_hvp < cold.n_hvp, (guided.n_hvp, cold.n_hvp)
+    for result in (cold, guided):
+        assert result.converged_max
+        assert abs(result.lambda_max - vals.max()) <= result.error_bounds[0] + 1e-12
+    assert guided.lambda_max == pytest.approx(vals.max(), rel=1e-3)
+
+
+def test_a_guide_orthogonal_to_the_top_still_finds_it() -> None:
+    """The random part of a guided cold start keeps every eigenvector in reach (a gradient can miss the top)."""
+    vals = _planted(300)
+    model = QuadraticModel(vals)
+    obj = Objective(model, quadratic_loss, [None])
+    interior = torch.linalg.eigh(model.a).eigenvectors[:, 150]
+    both = extremal_eigenpairs(obj, tol=1e-6, tol_min=1e-6, max_hvp=300, guide=interior)
+    assert both.lambda_max == pytest.approx(vals.max(), rel=1e-5)
+    assert both.lambda_min == pytest.approx(vals.min(), rel=1e-4)
+    same = extremal_eigenpairs(obj, which="top", guide=torch.zeros(300))  # a zero guide changes nothing
+    plain = extremal_eigenpairs(obj, which="top")
+    assert same.n_hvp == plain.n_hvp and same.lambda_max == plain.lambda_max
+    with pytest.raises(ValueError, match="guide has 3 entries"):
+        extremal_eigenpairs(obj, guide=torch.ones(3))

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from lightning_hessian import _validate
 from lightning_hessian.objective import Objective
 
@@ -53,7 +55,8 @@ class StepContext:
         optimizers: the trainer's optimizers (empty outside a trainer); read, never changed.
         val_objective: a validation objective (landscapes draw it on the same planes), or ``None``.
         seed: the monitor's seed; instruments derive their random vectors from it.
-        shared: results computed at this step, by name (``"eigen"``: the :class:`EigenResult`).
+        shared: results computed at this step, by name (``"eigen"``: the :class:`EigenResult`,
+            ``"gradient"``: the probe gradient).
     """
 
     def __init__(
@@ -86,6 +89,12 @@ class StepContext:
             return
         with self.progress_factory(what, total) as update:
             yield update
+
+    def gradient(self) -> Tensor:
+        """The probe loss's gradient at this step (a flat vector), computed once for every instrument."""
+        if "gradient" not in self.shared:
+            self.shared["gradient"] = self.objective.grad()
+        return self.shared["gradient"]  # type: ignore[no-any-return]
 
     def eigenpairs(self, both_ends: bool = True) -> Any:
         """The extremal eigenpairs at this step (an :class:`~lightning_hessian.EigenResult`), computed once.

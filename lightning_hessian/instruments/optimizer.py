@@ -328,7 +328,7 @@ class StepCurvature(Instrument):
             if not lr > 0:
                 return self._skipper.skip("the learning rate of the reference parameter group is 0: there is no step")
         try:
-            result = step_curvature(objective, optimizer, direction=cast(Any, self.direction))
+            result = step_curvature(objective, optimizer, direction=cast(Any, self.direction), gradient=ctx.gradient())
         except GeometryUnavailableError as err:
             hint = "; use StepCurvature(direction='gradient')" if err.status == "unsupported" else ""
             return self._skipper.skip(f"{err}{hint}")

@@ -169,11 +169,10 @@ def extremal_eigenpairs(
             e.g. ``basis_device="cpu"`` for host memory, ``torch.bfloat16`` / ``torch.float16`` for
             half the memory (accuracy then limited to about that format's precision times ||H||).
         guide: a direction expected to overlap the top eigenvectors, such as the loss gradient
-            (during training it lies mostly in the top eigenspace): added as a unit vector to the
-            start, to the warm vectors or to a random vector. On the CIFAR ResNet of
-            ``benchmarks/bench_overhead.py`` a gradient-guided cold start needed 4-5 products
-            against 6 at ``tol=1e-3``. A guided start is treated like a warm one: the error bound
-            is the residual itself, without the Ritz-gap refinement.
+            early in training: added as a unit vector to the start (the warm vectors or a random
+            vector). A guided start is treated like a warm one: the error bound is the residual
+            itself, without the Ritz-gap refinement, so it pays only when the overlap is large
+            (see :class:`~lightning_hessian.instruments.Eigenvalues`' ``gradient_start``).
     """
     n = objective.num_params
     itemsize = torch.empty((), dtype=basis_dtype or objective.dtype).element_size()

@@ -31,11 +31,12 @@ class Eigenvalues(Instrument):
             (``lambda_max_converged`` is 0).
         warm_start: start from the previous measurement's eigenvectors (kept across checkpoints).
         gradient_start: without a warm start (the first measurement), add the probe gradient to
-            the random start vector: during training it lies mostly in the top eigenspace, so the
-            top converges in fewer products (5 against 6 at five points of a CIFAR ResNet run, see
-            ``benchmarks/bench_overhead.py``) for the price of one gradient, which the step's other
-            instruments share. A warm start is used alone: adding the gradient to it cost 1-2 more
-            products there.
+            the random start vector. Measured, not assumed: early in training, where the gradient
+            lies mostly in the top eigenspace, it saved one product of six on a CIFAR ResNet
+            (``benchmarks/bench_start_vectors.py``); near a minimum it cost two or three more on the
+            MLP and CNN of ``benchmarks/bench_curvature.py`` (a guided start's error bound is the
+            plain residual, without the Ritz-gap refinement of a random start), so it is off by
+            default. Its gradient is shared with the step's other instruments.
         every_n_steps, every_n_epochs: this instrument's own cadence (default: the monitor's).
 
     Metrics: ``lambda_max`` (with ``_residual`` and ``_converged``), ``lambda_<i>``, ``lambda_min``
@@ -56,7 +57,7 @@ class Eigenvalues(Instrument):
         tol_min: float = 1e-3,
         max_hvp: int = 100,
         warm_start: bool = True,
-        gradient_start: bool = True,
+        gradient_start: bool = False,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
     ) -> None:
@@ -79,9 +80,9 @@ class Eigenvalues(Instrument):
         self._runs = 0
 
     def expected_hvps(self) -> float:
-        """Top only: 5 products from a gradient-guided start and about one for the gradient and the one-off
-        symmetry check (measured on the CIFAR ResNet); both ends: ``MIN_BOTTOM_PRODUCTS`` (20) and more."""
-        return 30.0 if self._wants_bottom() else 6.0
+        """Top only: 6-8 products from a random start at ``tol=1e-3`` (measured on the CIFAR ResNet, the MLP
+        and the CNN of the benchmarks); both ends: ``MIN_BOTTOM_PRODUCTS`` (20) and more."""
+        return 30.0 if self._wants_bottom() else 7.0
 
     def _wants_bottom(self) -> bool:
         """lambda_min at runs every-1, 2*every-1, ...: the first run is top-only, the cheapest to plan."""

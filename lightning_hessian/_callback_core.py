@@ -64,7 +64,7 @@ class _HessianMonitorCore:
             (the cheapest curve that still shows the saddle signal), and the curvature along the
             gradient and the optimizer's step (one or two HVPs). Add ``Trace()``, ``Landscape()``,
             ``OptimizerCurvature()``... as needed; each gets a share of the budget in proportion to
-            its ``budget_weight`` (1, and 0.25 for the cheap ``StepCurvature``).
+            its ``budget_weight`` (1, and 0.1 for the cheap ``StepCurvature``).
         every_n_steps: the instruments' cadence in optimizer steps (an instrument's own cadence
             takes precedence); ``None``: not on a step schedule.
         every_n_epochs: cadence in epochs; ``"auto"`` (default): every epoch when ``every_n_steps``

@@ -648,8 +648,8 @@ def train_resnet(config: str, args: argparse.Namespace, workdir: Path, epochs: i
         out["slots"] = {name: dict(vars(slot)) for name, slot in monitor.scheduler.slots.items()}
         # the monitor's own clock of measuring; seconds per HVP of the latest measurement (None before the first);
         # private attributes, read for the diagnosis only
-        out["measure_seconds"] = float(monitor._measure_seconds)
-        out["seconds_per_hvp"] = monitor._hvp_seconds
+        out["measure_seconds"] = float(monitor.budget_clock.measuring)
+        out["seconds_per_hvp"] = monitor.budget_clock.hvp_seconds
         out["instrument_seconds"] = sum(sum(r["seconds"].values()) for r in recorder.runs)
     return out
 

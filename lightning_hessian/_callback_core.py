@@ -2,18 +2,18 @@
 
 Imports neither Lightning package: everything Lightning-specific is reached through the
 ``trainer`` and ``pl_module`` the hooks receive. What is measured lives in
-:mod:`lightning_hessian.instruments`, when in :mod:`lightning_hessian.scheduler`, where it goes in
-:mod:`lightning_hessian.run_files` and :mod:`lightning_hessian.sinks`; this module connects them
-to Lightning's hooks, keeps the probe set and isolates failures from training.
+:mod:`lightning_hessian.instruments`; when, in :mod:`lightning_hessian.scheduler` (with the
+budget's wall clock in :mod:`lightning_hessian._budget_clock`); where it goes, in
+:mod:`lightning_hessian._publisher` (routing), :mod:`lightning_hessian.run_files` and
+:mod:`lightning_hessian.sinks`; failures are contained by :mod:`lightning_hessian._isolation`.
+This module connects them to Lightning's hooks and keeps the probe set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,11 +21,14 @@ from typing import Any, Literal
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_hessian import _isolation as isolation
 from lightning_hessian import _validate, sinks
-from lightning_hessian._agreement import AgreedCollectives, PeerFailedError
+from lightning_hessian._agreement import AgreedCollectives
+from lightning_hessian._budget_clock import BudgetClock
 from lightning_hessian._params import select_parameters
 from lightning_hessian._probe import load_probe_dataloader, resolve_loss_fn
 from lightning_hessian._probe_set import ProbeSet
+from lightning_hessian._publisher import Publisher
 from lightning_hessian.instruments import (
     Eigenvalues,
     Instrument,
@@ -34,7 +37,7 @@ from lightning_hessian.instruments import (
     ordered,
     share_products,
 )
-from lightning_hessian.instruments.base import Artifact, InstrumentOutput, StepContext
+from lightning_hessian.instruments.base import InstrumentOutput, StepContext
 from lightning_hessian.instruments.landscape import Landscape
 from lightning_hessian.instruments.optimizer import StepCurvature
 from lightning_hessian.objective import HvpEngine, Objective, default_batch_size
@@ -44,7 +47,6 @@ from lightning_hessian.snapshots import Snapshot
 
 _SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 _STATE_VERSION = 2
-_HVP_IN_TRAINING_STEPS = 2.5  # an HVP's cost in training steps on as many samples, until one is timed
 _ENGINES = ("auto", "cached", "double_backward", "forward_over_reverse", "finite_difference")
 
 
@@ -135,23 +137,11 @@ class _HessianMonitorCore:
         super().__init__()
         if instruments is None:
             instruments = [Eigenvalues(), StepCurvature()]
-        if isinstance(instruments, Instrument) or not isinstance(instruments, (list, tuple)) or not instruments:
-            raise ValueError(
-                "instruments must be a non-empty list of instruments, e.g. [Eigenvalues(), Trace()]; got "
-                f"{instruments!r}"
-            )
-        for ins in instruments:
-            if not isinstance(ins, Instrument):
-                raise ValueError(f"instruments must be Instrument objects (lightning_hessian.instruments), got {ins!r}")
-        self.instruments = ordered(instruments)
+        self.instruments = ordered(_validate.instruments(instruments, Instrument))
         self.every_n_steps = _validate.optional_positive_int("every_n_steps", every_n_steps)
-        if every_n_epochs not in ("auto", None) and (
-            not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool) or every_n_epochs < 1
-        ):
-            raise ValueError(f"every_n_epochs must be a positive integer, None or 'auto', got {every_n_epochs!r}")
-        if every_n_epochs == "auto":
+        if every_n_epochs == "auto":  # every epoch unless a step cadence is given
             every_n_epochs = 1 if every_n_steps is None else None
-        self.every_n_epochs: int | None = every_n_epochs  # type: ignore[assignment]
+        self.every_n_epochs = _validate.optional_positive_int("every_n_epochs", every_n_epochs, also="'auto'")
         if log_spaced != "auto":
             _validate.flag("log_spaced", log_spaced)
         self.log_spaced = every_n_steps is None if log_spaced == "auto" else bool(log_spaced)
@@ -159,9 +149,7 @@ class _HessianMonitorCore:
         self.at_fit_start = _validate.flag("at_fit_start", at_fit_start)
         self.at_fit_end = _validate.flag("at_fit_end", at_fit_end)
         self.allow_untested = _validate.flag("allow_untested", allow_untested)
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(pl_module, batch), got {loss_fn!r}")
-        self.loss_fn = loss_fn
+        self.loss_fn = _validate.optional_callable("loss_fn", loss_fn, "loss_fn(pl_module, batch)")
         self.probe_dataloader = _validate.batches_source("probe_dataloader", probe_dataloader)
         self.probe_batches = _validate.positive_int("probe_batches", probe_batches)
         self.params = _validate.param_globs(params)
@@ -171,9 +159,7 @@ class _HessianMonitorCore:
         )
         self.seed = _validate.seed(seed)
         self.on_error = _validate.choice("on_error", on_error, ("warn", "raise"))
-        if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
-            raise ValueError(f"prefix must be a non-empty string without a trailing '/', got {prefix!r}")
-        self.prefix = prefix
+        self.prefix = _validate.prefix(prefix)
         self.landscape_prefix = "landscape" if prefix == "hessian" else f"{prefix}_landscape"
         self._clock: Callable[[], float] = time.perf_counter  # wall clock of the budget (a test can fake it)
         self._names = names_of(self.instruments)
@@ -199,6 +185,7 @@ class _HessianMonitorCore:
         self.scheduler = self._new_scheduler()
         self.probe = ProbeSet(self.probe_dataloader, self.probe_batches, self.prefix)
         self.files = RunFiles(self.prefix, self.landscape_prefix)
+        self.publisher = Publisher(self.prefix, self.files, self._by_name)
         for ins in self.instruments:
             ins.reset()
         self._n_failed = 0
@@ -206,10 +193,6 @@ class _HessianMonitorCore:
         self._resumed_at: int | None = None
         self._warned_once: set[str] = set()
         self._skips_announced = False
-        self._constants_logged = False
-        self._flags: dict[str, float] = {}
-        self._hvp_seconds: float | None = None  # seconds per HVP of the latest measurement
-        self._train_batch_size = 1
         self._pl_module: Any = None
         self._objective: Objective | None = None
         self._objective_names: list[str] = []
@@ -217,9 +200,11 @@ class _HessianMonitorCore:
         self._val_probes: dict[str, list[Any]] = {}
         self._loss: Callable[[Any, Any], Any] | None = None
         self._collectives: AgreedCollectives | None = None
-        self._fit_started_at = 0.0
-        self._measure_seconds = 0.0
-        self._train_seconds_before = 0.0  # training time of the fit a checkpoint was written in
+        self.budget_clock = BudgetClock(self._now)
+
+    def _now(self) -> float:
+        """The budget's wall clock (``_clock``, which a test can fake); a method, so the monitor pickles."""
+        return self._clock()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -264,8 +249,7 @@ class _HessianMonitorCore:
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._pl_module = pl_module
-        self._fit_started_at = self._clock()
-        self._measure_seconds = 0.0
+        self.budget_clock.start()
         self._objective = None
         self._collectives = None
         if int(trainer.world_size) > 1:
@@ -303,7 +287,7 @@ class _HessianMonitorCore:
             self._run(trainer, pl_module, self.scheduler.at_fit_start(int(trainer.global_step)))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._train_batch_size = default_batch_size(batch)
+        self.budget_clock.train_batch_size = default_batch_size(batch)
         if self.probe.capture(trainer, batch) and self.at_fit_start:
             # before this batch's update: the start of training
             self._run(trainer, pl_module, self.scheduler.at_fit_start(int(trainer.global_step)))
@@ -349,7 +333,7 @@ class _HessianMonitorCore:
         out = ins.summary()
         if out is not None:
             for artifact in out.artifacts:
-                self._publish_artifact(self._run_dir(trainer), trainer.loggers, artifact, int(trainer.global_step))
+                self.publisher.artifact(self._run_dir(trainer), trainer.loggers, artifact, int(trainer.global_step))
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._drop_objectives()
@@ -386,7 +370,7 @@ class _HessianMonitorCore:
         return {
             "version": _STATE_VERSION,
             "scheduler": self.scheduler.state_dict(),
-            "train_seconds": self._train_seconds(),
+            "train_seconds": self.budget_clock.train_seconds(),
             "instruments": {name: ins.state_dict() for name, ins in self._by_name.items()},
             "n_failed": self._n_failed,
             "last_measured_step": self._last_measured_step(),
@@ -404,7 +388,7 @@ class _HessianMonitorCore:
             )
             return
         self.scheduler.load_state_dict(state_dict.get("scheduler") or {})
-        self._train_seconds_before = float(state_dict.get("train_seconds", 0.0))
+        self.budget_clock.before = float(state_dict.get("train_seconds", 0.0))
         for name, state in (state_dict.get("instruments") or {}).items():
             if name in self._by_name:
                 self._by_name[name].load_state_dict(state)
@@ -419,13 +403,6 @@ class _HessianMonitorCore:
         return int(self.history[-1]["step"]) if self.history else -1
 
     # ------------------------------------------------------------------ measuring
-    def _train_seconds(self) -> float:
-        """Training wall time of this run so far (measuring excluded), carried across a resume."""
-        if not self._fit_started_at:
-            return self._train_seconds_before
-        elapsed = self._clock() - self._fit_started_at - self._measure_seconds
-        return self._train_seconds_before + max(elapsed, 0.0)
-
     def _run_dir(self, trainer: Any) -> Path:
         return sinks.run_directory(trainer.loggers, trainer.default_root_dir)
 
@@ -463,6 +440,7 @@ class _HessianMonitorCore:
         with contextlib.ExitStack() as session:
             for name in [n for n in self._names if n in names]:
                 ins = self._by_name[name]
+                expected = float(ins.expected_hvps())  # of this run, before it counts itself
                 t0 = self._clock()
                 if ctx is None:
                     ok, ctx = self._guarded(
@@ -471,20 +449,20 @@ class _HessianMonitorCore:
                         lambda: self._agreed(lambda: self._new_context(trainer, pl_module, step)),
                     )
                     if not ok:
-                        self.scheduler.ran(name, step, self._clock() - t0)
+                        self.scheduler.ran(name, step, self._clock() - t0, expected)
                         break
                     share_products(ctx, [self._by_name[n] for n in names if n in self._by_name])
                     session.enter_context(ctx.objective.session())
                 one = functools.partial(self._one, ctx, name, ins)
                 ok, out = self._guarded(trainer, f"the {name} measurement", functools.partial(self._agreed, one))
                 seconds[name] = self._clock() - t0
-                self.scheduler.ran(name, step, seconds[name])
+                self.scheduler.ran(name, step, seconds[name], expected)
                 if ok:
                     outputs[name] = out
                 else:
                     self._drop_objectives()  # rebuilt from scratch next time, on every rank alike
                     ctx = None
-        self._measure_seconds += self._clock() - started
+        self.budget_clock.measuring += self._clock() - started
         self._plan_budget(trainer, step)
         if outputs:
             self._record(trainer, step, outputs, seconds, hvp_before, ctx)
@@ -530,28 +508,20 @@ class _HessianMonitorCore:
         if self.budget is None:
             return
         estimates = self._first_cost_estimates(trainer)
-        plan = self.scheduler.plan(step, self._train_seconds(), step, estimates)
+        next_hvps = {name: float(ins.expected_hvps()) for name, ins in self._by_name.items()}
+        plan = self.scheduler.plan(step, self.budget_clock.train_seconds(), step, estimates, next_hvps)
         if int(trainer.world_size) > 1:
             plan = trainer.strategy.broadcast(plan, src=0)
         self.scheduler.apply(plan)
 
     def _first_cost_estimates(self, trainer: Any) -> dict[str, float]:
-        """Seconds each not-yet-run instrument is expected to take: its expected HVPs times one HVP's time.
-
-        Free of any extra work: before anything was measured, an HVP is taken to cost 2.5 training
-        steps on as many samples (measured 2.4-3.1 on the CIFAR ResNet of
-        ``benchmarks/bench_overhead.py``: a forward pass, a backward pass that keeps its graph and
-        a double backward); afterwards it is the seconds per HVP of the latest measurement.
-        """
+        """Predicted seconds of the instruments that have not run yet (free: no HVP is timed to find out)."""
         fresh = [name for name, slot in self.scheduler.slots.items() if slot.runs == 0]
         if not fresh or not self.probe.complete:
             return {}
-        hvp_seconds = self._hvp_seconds
-        if hvp_seconds is None:
-            step_seconds = self._train_seconds() / max(int(trainer.global_step), 1)
-            probe_samples = sum(default_batch_size(b) for b in self.probe.batches)
-            hvp_seconds = _HVP_IN_TRAINING_STEPS * step_seconds * probe_samples / max(self._train_batch_size, 1)
-        return {name: self._by_name[name].expected_hvps() * hvp_seconds for name in fresh}
+        probe_samples = sum(default_batch_size(b) for b in self.probe.batches)
+        expected = {name: self._by_name[name].expected_hvps() for name in fresh}
+        return self.budget_clock.first_costs(expected, int(trainer.global_step), probe_samples)
 
     def _record(
         self,
@@ -571,7 +541,7 @@ class _HessianMonitorCore:
             metrics["hvp_count"] = float(self._hvp_count() - hvp_before)
             metrics["seconds"] = float(sum(seconds.values()))
             if metrics["hvp_count"] > 0:  # what the next first runs are planned with
-                self._hvp_seconds = metrics["seconds"] / metrics["hvp_count"]
+                self.budget_clock.hvp_seconds = metrics["seconds"] / metrics["hvp_count"]
             metrics["skipped"] = float(self.scheduler.skipped)
         eigen = None if ctx is None else ctx.shared.get("eigen")
         self.last_measurement = StepResult(metrics=dict(metrics), outputs=outputs, seconds=seconds, eigen=eigen)
@@ -595,47 +565,12 @@ class _HessianMonitorCore:
     def _publish(
         self, trainer: Any, step: int, outputs: dict[str, InstrumentOutput], metrics: dict[str, float]
     ) -> None:
-        """Rank zero: the JSONL record first (it never depends on a logger), then loggers, then landscapes."""
-        run_dir, loggers = self._run_dir(trainer), trainer.loggers
-        if metrics:
-            entry: dict[str, Any] = dict(self.history[-1])
-            if self._objective is not None:  # which HVP engine "auto" chose, and its memory plan
-                entry["engine"] = self._objective.active_engine
-            for out in outputs.values():
-                for artifact in out.artifacts:
-                    if artifact.kind == "record":
-                        entry.update(artifact.data)
-            self.files.record(run_dir, loggers, entry)
-            logged = {f"{self.prefix}/{k}": v for k, v in metrics.items() if not self._unchanged_flag(k, v)}
-            if not self._constants_logged and self._objective is not None:  # run constants: once, not a flat curve
-                logged[f"{self.prefix}/num_params"] = float(self._objective.num_params)
-                self._constants_logged = True
-            sinks.log_scalars(loggers, logged, step)
-        for name, out in outputs.items():
-            ins = self._by_name[name]
-            for artifact in out.artifacts:
-                if artifact.kind == "snapshot" and isinstance(ins, Landscape):
-                    self.files.snapshot(
-                        run_dir, loggers, artifact.data, ins.log_scale, ins.animation == "always", ins.shared_scale
-                    )
-                else:
-                    self._publish_artifact(run_dir, loggers, artifact, step)
-
-    def _unchanged_flag(self, key: str, value: float) -> bool:
-        """Convergence flags go to the loggers only when they change (the JSONL keeps every value)."""
-        if not key.endswith("_converged"):
-            return False
-        unchanged = self._flags.get(key) == value
-        self._flags[key] = value
-        return unchanged
-
-    def _publish_artifact(self, run_dir: Path, loggers: Sequence[Any], artifact: Artifact, step: int) -> None:
-        if artifact.kind == "image":
-            sinks.log_image(loggers, f"{self.prefix}/{artifact.name}", artifact.data, step)
-        elif artifact.kind == "save":
-            artifact.data(run_dir / artifact.name / self.prefix)
-        elif artifact.kind == "lines":
-            sinks.log_lines(loggers, f"{self.prefix}/{artifact.name}", artifact.data)
+        """Rank zero: the measured step to the run files and loggers (through the publisher)."""
+        entry: dict[str, Any] = dict(self.history[-1]) if metrics else {}
+        if metrics and self._objective is not None:  # which HVP engine "auto" chose, and its memory plan
+            entry["engine"] = self._objective.active_engine
+        num_params = None if self._objective is None else self._objective.num_params
+        self.publisher.measurement(self._run_dir(trainer), trainer.loggers, step, outputs, metrics, entry, num_params)
 
     # ------------------------------------------------------------------ failures
     def _agreed(self, fn: Callable[[], Any]) -> Any:
@@ -653,63 +588,16 @@ class _HessianMonitorCore:
         self._val_objectives = {}
 
     def _guarded(self, trainer: Any, what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
-        """Run ``fn``; a failure becomes one warning (or is re-raised with ``on_error="raise"``).
+        """Run ``fn`` with its failure isolated from training (:func:`lightning_hessian._isolation.guarded`)."""
+        return isolation.guarded(trainer, self.prefix, self.on_error, what, fn, self._failed)
 
-        Running out of memory (host or accelerator) frees what the measurement held first and
-        says what to change. Under DDP the failing rank warns with its own reason; the others
-        learn of it through the agreement and rank zero says that the step was skipped everywhere.
-        """
-        try:
-            return True, fn()
-        except Exception as err:
-            self._n_failed += 1
-            out_of_memory = isinstance(err, (torch.OutOfMemoryError, MemoryError))
-            if out_of_memory:
-                self._drop_objectives()
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            if self.on_error == "raise":
-                raise
-            where = f"HessianMonitor({self.prefix}): {what} at step {trainer.global_step}"
-            if isinstance(err, PeerFailedError):
-                rank_zero_warn(f"{where} was skipped on every process: another process failed (its warning says why).")
-            elif out_of_memory:
-                first_line = str(err).splitlines()[0] if str(err) else ""
-                self._warn_here(
-                    trainer,
-                    f"{where} ran out of memory and was skipped; training goes on ({type(err).__name__}: "
-                    f"{first_line}). To fit, use a smaller probe set (probe_batches, or smaller batches in "
-                    "probe_dataloader), "
-                    "hvp='double_backward' (the lowest memory of the engines), or params=[...] to take the Hessian "
-                    "of a subset of the parameters.",
-                )
-            else:
-                self._warn_here(
-                    trainer,
-                    f"{where} failed and was skipped ({type(err).__name__}: {err}); training goes on. Pass "
-                    "on_error='raise' to stop instead.",
-                )
-            return False, None
-
-    def _warn_here(self, trainer: Any, message: str) -> None:
-        """Warn on this process (a rank's own failure is only known there), naming the rank under DDP."""
-        if int(trainer.world_size) > 1:
-            warnings.warn(f"[rank {trainer.global_rank}] {message}", UserWarning, stacklevel=3)
-        else:
-            rank_zero_warn(message)
+    def _failed(self, err: BaseException) -> None:
+        self._n_failed += 1
+        if isolation.is_out_of_memory(err):
+            self._drop_objectives()
 
     def _guarded_io(self, trainer: Any, what: str, fn: Callable[[], Any]) -> None:
-        """Rank zero's writing (files, loggers): a failure is reported as such, never as a skipped measurement."""
-        try:
-            fn()
-        except Exception as err:
-            if self.on_error == "raise":
-                raise
-            rank_zero_warn(
-                f"HessianMonitor({self.prefix}): {what} failed ({type(err).__name__}: {err}). What was measured is "
-                "kept in `history` and in every file and logger that did not fail; training goes on."
-            )
+        isolation.guarded_io(self.prefix, self.on_error, what, fn)
 
 
 @contextlib.contextmanager

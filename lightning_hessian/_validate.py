@@ -23,8 +23,39 @@ def positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int | None
     return value
 
 
-def optional_positive_int(name: str, value: Any) -> int | None:
-    return None if value is None else positive_int(name, value)
+def optional_positive_int(name: str, value: Any, *, also: str = "") -> int | None:
+    """``None`` or a positive integer; ``also`` names a further accepted value for the message (e.g. ``"'auto'"``)."""
+    if value is None:
+        return None
+    if also and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, None or {also}, got {value!r}")
+    return positive_int(name, value)
+
+
+def optional_callable(name: str, value: Any, signature: str) -> Any:
+    """``None`` or a callable, named by how it is called."""
+    if value is not None and not callable(value):
+        raise ValueError(f"{name} must be callable as {signature}, got {value!r}")
+    return value
+
+
+def prefix(value: Any) -> str:
+    """A metric namespace: a non-empty string without a trailing ``/``."""
+    if not isinstance(value, str) or not value or value.endswith("/"):
+        raise ValueError(f"prefix must be a non-empty string without a trailing '/', got {value!r}")
+    return value
+
+
+def instruments(value: Any, kind: type) -> list[Any]:
+    """A non-empty list (or tuple) of ``kind`` objects."""
+    if isinstance(value, kind) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(
+            f"instruments must be a non-empty list of instruments, e.g. [Eigenvalues(), Trace()]; got {value!r}"
+        )
+    for item in value:
+        if not isinstance(item, kind):
+            raise ValueError(f"instruments must be Instrument objects (lightning_hessian.instruments), got {item!r}")
+    return list(value)
 
 
 def positive_float(name: str, value: Any, *, below: float | None = None) -> float:

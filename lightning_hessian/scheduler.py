@@ -7,7 +7,9 @@ makes every rank decide identically without a collective at every step.
 
 The budget: instrument ``i`` may spend ``share_i = budget * weight_i / sum(weights)`` of the
 training time so far. After a run it may run again from the first step at which, at the mean
-training-step time so far, its spending plus one more run of the same cost fits its share. A
+training-step time so far, its spending plus one more run fits its share; the next run is taken
+to cost what the last did, scaled by the instrument's expected HVPs for it over those for the
+last (a cheap ``lambda_max`` after an expensive ``lambda_min`` run is planned as cheap). A
 measurement that is due before then is *postponed*: it stays pending and runs at the first
 allowed step; further due points while it is pending are coalesced. Both count as skipped.
 The start and the end of fit are due points like the others. An instrument that has not run yet
@@ -40,6 +42,7 @@ class _Slot:
     next_allowed: int = 0
     spent: float = 0.0
     last_cost: float = 0.0
+    last_expected: float = 0.0  # the instrument's expected HVPs for the run that cost last_cost
     runs: int = 0
     skipped: int = 0
 
@@ -124,21 +127,35 @@ class Scheduler:
         return runnable
 
     # ------------------------------------------------------------------ accounting
-    def ran(self, name: str, step: int, seconds: float) -> None:
-        """Record a run (successful or failed: both cost time); clears what was pending."""
+    def ran(self, name: str, step: int, seconds: float, expected_hvps: float = 0.0) -> None:
+        """Record a run (successful or failed: both cost time); clears what was pending.
+
+        ``expected_hvps``: what the instrument expected this run to cost, to scale its next run's
+        cost when that run is of another kind (see :meth:`plan`).
+        """
         slot = self.slots[name]
         slot.last_run = step
         slot.pending_since = -1
         slot.spent += seconds
         slot.last_cost = seconds
+        slot.last_expected = expected_hvps
         slot.runs += 1
 
     def plan(
-        self, step: int, train_seconds: float, train_steps: int, estimates: dict[str, float] | None = None
+        self,
+        step: int,
+        train_seconds: float,
+        train_steps: int,
+        estimates: dict[str, float] | None = None,
+        next_hvps: dict[str, float] | None = None,
     ) -> dict[str, int]:
         """Rank zero: the step from which each instrument fits its share again (to broadcast and :meth:`apply`).
 
         ``estimates``: predicted seconds of instruments that have not run yet (their first cost).
+        ``next_hvps``: the instruments' expected HVPs for their next run; an instrument that ran is
+        planned with its last cost scaled by ``next_hvps / last_expected`` (1 when its runs are
+        alike), so that after an expensive run of one kind (``lambda_min`` with ``lambda_max``)
+        the next, cheaper one is not planned as if it cost as much.
         """
         self.train_seconds = train_seconds
         if self.budget is None:
@@ -151,7 +168,7 @@ class Scheduler:
         plan = {}
         for name, slot in self.slots.items():
             share = self.shares[name]
-            cost = slot.last_cost if slot.runs else (estimates or {}).get(name, 0.0)
+            cost = self._next_cost(name, next_hvps) if slot.runs else (estimates or {}).get(name, 0.0)
             needed = (slot.spent + cost) / share - train_seconds if share > 0 else math.inf
             if needed <= 0:
                 plan[name] = step + (1 if slot.last_run == step else 0)
@@ -160,6 +177,13 @@ class Scheduler:
             else:
                 plan[name] = step + max(1, math.ceil(needed / step_seconds))
         return plan
+
+    def _next_cost(self, name: str, next_hvps: dict[str, float] | None) -> float:
+        slot = self.slots[name]
+        expected = (next_hvps or {}).get(name, 0.0)
+        if expected > 0 and slot.last_expected > 0:
+            return slot.last_cost * expected / slot.last_expected
+        return slot.last_cost
 
     def apply(self, plan: dict[str, int]) -> None:
         for name, next_allowed in plan.items():

@@ -362,7 +362,7 @@ class _SlowInstrument(Instrument):
         self.clock, self.seconds = clock, seconds
 
     def expected_hvps(self) -> float:
-        return 0.1  # planned at 0.1 HVP x 3 steps x (128 probe / 32 batch samples) = 1.2 s before its first run
+        return 0.1  # planned at 0.1 HVP x 2.5 steps x (128 probe / 32 batch samples) = 1.0 s before its first run
 
     def run(self, ctx: StepContext) -> InstrumentOutput:
         self.clock.now += self.seconds
@@ -405,6 +405,44 @@ def test_budget_postpones_measurements_counts_them_and_says_so(
     assert monitor.scheduler.skipped == 27
     assert monitor.history[-1]["skipped"] == 21  # logged with the step-24 measurement: 1-3, 5-15 and 17-23
     assert "postponed" in caplog.text and "hessian/skipped" in caplog.text
+
+
+class _AlternatingInstrument(_SlowInstrument):
+    """Runs alternate between a cheap kind (1 s, expected 0.1 HVP) and an expensive one (4 s, expected 0.4)."""
+
+    name = "alternating"
+
+    def __init__(self, clock: _FakeClock) -> None:
+        super().__init__(clock, 1.0)
+        self.runs = 0
+
+    def expected_hvps(self) -> float:
+        return 0.4 if self.runs % 2 else 0.1
+
+    def run(self, ctx: StepContext) -> InstrumentOutput:
+        self.seconds = 4.0 if self.runs % 2 else 1.0
+        self.runs += 1
+        return super().run(ctx)
+
+
+def test_budget_plans_a_cheap_run_after_an_expensive_one_as_cheap(tmp_path: Path) -> None:
+    """The next run's cost is the last one's scaled by the expected HVPs (lambda_max after a lambda_min run)."""
+    clock = _FakeClock()
+    monitor = HessianMonitor(
+        instruments=[_AlternatingInstrument(clock)],
+        every_n_steps=1,
+        budget=0.25,
+        probe_dataloader=probe_loader(),
+        loss_fn=probe_loss,
+        at_fit_end=False,
+    )
+    monitor._clock = clock
+    _fit(tmp_path, TanhModule(), [_SlowSteps(clock), monitor], max_epochs=5)
+    # First run (cheap, planned at 1.0 s) fits at 1.0 / 0.25 = 4 s: step 4. The next is expensive: 1 s x 4 = 4 s,
+    # fits at (1 + 4) / 0.25 = 20 s. The next is cheap again: 4 s x 0.1 / 0.4 = 1 s, fits at (5 + 1) / 0.25 = 24 s
+    # (planned with the expensive run's 4 s it would wait until 36 s, past the end). The next: (6 + 4) / 0.25 = 40 s.
+    assert _steps(monitor) == [4, 20, 24]
+    assert monitor.scheduler.slots["alternating"].spent == 6.0 <= 0.25 * 30
 
 
 def test_budget_none_honours_the_schedule_exactly(tmp_path: Path) -> None:

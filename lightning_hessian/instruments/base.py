@@ -150,8 +150,12 @@ class Instrument:
         raise NotImplementedError(f"{type(self).__name__} must implement run(ctx)")
 
     def expected_hvps(self) -> float:
-        """Rough cost of one run in Hessian-vector products (a forward pass counts about 1/3): the
-        budget plans an instrument's first run with it, before its real cost is known."""
+        """Rough cost of the next run in Hessian-vector products (a forward pass counts about 1/3).
+
+        The budget plans an instrument's first run with it, before its real cost is known; later
+        runs with the last run's seconds scaled by this value over its value at that run, so an
+        instrument whose runs differ in kind (``Eigenvalues``' ``lambda_min`` runs) should say so.
+        """
         return 10.0
 
     def check(self, num_params: int) -> None:

@@ -575,14 +575,12 @@ def test_eigenvalues_and_step_curvature_share_one_gradient() -> None:
     """The gradient-guided Lanczos start and the step curvature take the probe gradient once per step."""
     case = _small_case()
     objective = Objective(case.model, case.loss_fn, case.batches)
-    result = run_instruments(
-        objective, [Eigenvalues(lambda_min=False, gradient_start=True), StepCurvature(direction="gradient")]
-    )
+    result = run_instruments(objective, [Eigenvalues(lambda_min=False), StepCurvature(direction="gradient")])
     h = dense_hessian(case)
     assert objective.n_grad == 1
     assert result.metrics["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-3)
     g = objective.grad().double()
     assert result.metrics["gradient_curvature"] == pytest.approx(float(g @ h @ g / (g @ g)), rel=1e-4)
     alone = Objective(case.model, case.loss_fn, case.batches)
-    run_instruments(alone, [Eigenvalues(lambda_min=False)])  # gradient_start is off by default
+    run_instruments(alone, [Eigenvalues(lambda_min=False, gradient_start=False)])  # a random start: no gradient
     assert alone.n_grad == 0

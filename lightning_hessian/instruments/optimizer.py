@@ -305,6 +305,10 @@ class StepCurvature(Instrument):
         self.direction = _validate.choice("direction", direction, ("update", "preconditioned", "gradient"))
         self._skipper = _Skipper("StepCurvature")
 
+    def expected_hvps(self) -> float:
+        """A gradient (about 1/3 HVP), one or two HVPs and two probe losses: about 3."""
+        return 3.0
+
     def run(self, ctx: StepContext) -> InstrumentOutput:
         objective = ctx.objective
         optimizers = _unwrap(ctx.optimizers)

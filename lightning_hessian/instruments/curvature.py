@@ -27,7 +27,7 @@ class Eigenvalues(Instrument):
         tol: residual tolerance of the top values, relative to ``|lambda_max|``: the certified
             bound of each point. The default 1e-2 certifies a curve to 1 %; the actual errors were
             1e-4 to 1e-7 on the benchmarks (Lanczos's error is about the residual squared over the
-            gap), a tenth or less of PyHessian's default. 1e-3 or 1e-5 for more certified digits.
+            gap), about a tenth of PyHessian's default or less. 1e-3 or 1e-5 for more certified digits.
         tol_min: tolerance of ``lambda_min``, relative to the spectral width.
         max_hvp: hard budget of Hessian-vector products; values that did not converge say so
             (``lambda_max_converged`` is 0).

@@ -265,7 +265,7 @@ class _HessianMonitorCore:
                 if ins.val_dataloader is not None:
                     self._val_probes[name] = load_probe_dataloader(ins.val_dataloader, trainer, pl_module)
         if trainer.is_global_zero:
-            self._guarded_io(trainer, "preparing the run directory", lambda: self._prepare_files(trainer))
+            self._guarded_io("preparing the run directory", lambda: self._prepare_files(trainer))
 
     def _prepare_files(self, trainer: Any) -> None:
         monitors = [c for c in trainer.callbacks if isinstance(c, _HessianMonitorCore)]
@@ -314,7 +314,7 @@ class _HessianMonitorCore:
             self._run(trainer, pl_module, self.scheduler.at_fit_end(step))
         if trainer.is_global_zero:
             for ins in self.instruments:
-                self._guarded_io(trainer, f"the {ins.name} summary", functools.partial(self._summarise, trainer, ins))
+                self._guarded_io(f"the {ins.name} summary", functools.partial(self._summarise, trainer, ins))
             for ins in self.instruments:
                 if isinstance(ins, Landscape) and ins.animation != "never" and self.files.frames:
                     animate = functools.partial(
@@ -325,7 +325,7 @@ class _HessianMonitorCore:
                         trainer.global_step,
                         shared_scale=ins.shared_scale,
                     )
-                    self._guarded_io(trainer, "the landscape animation", animate)
+                    self._guarded_io("the landscape animation", animate)
         self._drop_objectives()
         self._pl_module = None
 
@@ -557,7 +557,6 @@ class _HessianMonitorCore:
             )
         if trainer.is_global_zero:
             self._guarded_io(
-                trainer,
                 f"writing the measurement at step {step}",
                 lambda: self._publish(trainer, step, outputs, metrics),
             )
@@ -596,7 +595,7 @@ class _HessianMonitorCore:
         if isolation.is_out_of_memory(err):
             self._drop_objectives()
 
-    def _guarded_io(self, trainer: Any, what: str, fn: Callable[[], Any]) -> None:
+    def _guarded_io(self, what: str, fn: Callable[[], Any]) -> None:
         isolation.guarded_io(self.prefix, self.on_error, what, fn)
 
 

@@ -379,12 +379,10 @@ class _SlowSteps(pl.Callback):
         self.clock.now += 1.0
 
 
-def test_budget_postpones_measurements_counts_them_and_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    clock = _FakeClock()
+def _budgeted_on(clock: _FakeClock, instrument: Instrument) -> HessianMonitor:
+    """A monitor of one instrument, due at every step, with a 25 % budget measured on the fake clock."""
     monitor = HessianMonitor(
-        instruments=[_SlowInstrument(clock, 2.0)],
+        instruments=[instrument],
         every_n_steps=1,
         budget=0.25,
         probe_dataloader=probe_loader(),
@@ -392,6 +390,14 @@ def test_budget_postpones_measurements_counts_them_and_says_so(
         at_fit_end=False,
     )
     monitor._clock = clock
+    return monitor
+
+
+def test_budget_postpones_measurements_counts_them_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = _FakeClock()
+    monitor = _budgeted_on(clock, _SlowInstrument(clock, 2.0))
     with caplog.at_level("INFO"):
         trainer = _fit(tmp_path, TanhModule(), [_SlowSteps(clock), monitor], max_epochs=5)
     assert trainer.global_step == 30
@@ -428,15 +434,7 @@ class _AlternatingInstrument(_SlowInstrument):
 def test_budget_plans_a_cheap_run_after_an_expensive_one_as_cheap(tmp_path: Path) -> None:
     """The next run's cost is the last one's scaled by the expected HVPs (lambda_max after a lambda_min run)."""
     clock = _FakeClock()
-    monitor = HessianMonitor(
-        instruments=[_AlternatingInstrument(clock)],
-        every_n_steps=1,
-        budget=0.25,
-        probe_dataloader=probe_loader(),
-        loss_fn=probe_loss,
-        at_fit_end=False,
-    )
-    monitor._clock = clock
+    monitor = _budgeted_on(clock, _AlternatingInstrument(clock))
     _fit(tmp_path, TanhModule(), [_SlowSteps(clock), monitor], max_epochs=5)
     # First run (cheap, planned at 1.0 s) fits at 1.0 / 0.25 = 4 s: step 4. The next is expensive: 1 s x 4 = 4 s,
     # fits at (1 + 4) / 0.25 = 20 s. The next is cheap again: 4 s x 0.1 / 0.4 = 1 s, fits at (5 + 1) / 0.25 = 24 s

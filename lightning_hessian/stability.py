@@ -44,7 +44,7 @@ class PreconditionedSharpness:
         threshold: ``stability_threshold``: ``k_ref / lr_ref`` of the reference group.
         ratio: ``stability_ratio``: the top eigenvalue of ``(D/k)^{1/2} H (D/k)^{1/2}`` (edge at 1).
         residual: Lanczos residual ``||A y - ratio y||``, in the units of ``value``.
-        error_bound: bound on the error of ``value`` (``min(r, r^2 / gap)``), in its units.
+        error_bound: certified bound on the error of ``value`` (the Lanczos residual), in its units.
         converged: the bound met ``tol * |value|``.
         n_hvp: Hessian-vector products spent.
         vector: the top Ritz vector of ``A`` (start the next measurement from it).

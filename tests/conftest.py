@@ -8,6 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI draws the same examples every run (a red CI is then reproducible); elsewhere hypothesis explores.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

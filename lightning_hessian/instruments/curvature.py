@@ -25,18 +25,17 @@ class Eigenvalues(Instrument):
             between only the top is converged, which costs a third to a half as much. A Hessian
             landscape plane always gets both ends.
         tol: residual tolerance of the top values, relative to ``|lambda_max|``: the certified
-            bound of each point. The default 1e-2 certifies a curve to 1 %; the actual errors were
-            1e-4 to 1e-7 on the benchmarks (Lanczos's error is about the residual squared over the
-            gap), about a tenth of PyHessian's default or less. 1e-3 or 1e-5 for more certified digits.
+            bound of each point (the residual: some eigenvalue lies that close). The default 1e-2
+            certifies a curve to 1 %; the actual errors were 1e-4 to 1e-7 on the benchmarks
+            (Lanczos's error is about the residual squared over the gap), about a tenth of
+            PyHessian's default or less. 1e-3 or 1e-5 for more certified digits.
         tol_min: tolerance of ``lambda_min``, relative to the spectral width.
         max_hvp: hard budget of Hessian-vector products; values that did not converge say so
             (``lambda_max_converged`` is 0).
         warm_start: start from the previous measurement's eigenvectors (kept across checkpoints).
         gradient_start: without a warm start (the first measurement), add the probe gradient to
-            the random start vector. Like a warm run, a guided run's bound is the plain residual
-            (no Ritz-gap refinement), so it stops as accurate as a warm run: at ``tol=1e-2`` errors
-            of 1e-4 (MLP) and 6e-6 (CNN) against 3e-3 and 1e-4 from a random start
-            (``benchmarks/bench_curvature.py``). It cost one product more near those minima and
+            the random start vector (``benchmarks/bench_curvature.py`` prints its products and
+            errors against a random start's). It cost one product more near those minima and
             saved one early in a CIFAR ResNet's training (``benchmarks/bench_start_vectors.py``).
             The gradient is shared with the step's other instruments.
         every_n_steps, every_n_epochs: this instrument's own cadence (default: the monitor's).

@@ -8,6 +8,10 @@ interleaved configurations and medians (the machine is shared):
 (scikit-learn's digits upscaled, tinted and noised: a learnable task without a download), batch
 128, momentum SGD, ``--resnet-epochs`` (2) epochs of ``--steps`` (100) optimizer steps, torch
 threads set explicitly (``--threads``, 2) and the load average printed before and after every run.
+Every run is a fresh process (``--in-process`` runs them all in this one): glibc's dynamic mmap
+threshold only ever rises, a measurement's temporaries raise it, and a baseline run after a
+monitored one in the same process would inherit that (``bench_allocator.py``). ``--malloc-env``
+fixes glibc's thresholds in every run alike (the CPU-training advice of the README).
 Configurations: no monitor; ``HessianMonitor()`` (every default, budget 0.05); all instruments
 under the default budget; all instruments with ``budget=None`` every ``--heavy-every-n-epochs``
 epochs. It prints the wall-time overhead (median and paired per round), the monitor's measuring
@@ -48,7 +52,9 @@ import logging
 import math
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -483,6 +489,8 @@ def _clean(obj: Any) -> Any:
 
 # ----------------------------------------------------------------------------- the CIFAR-shaped ResNet (issue 8)
 RESNET_RESULTS = RESULTS.with_name("overhead_resnet.json")
+#: glibc thresholds fixed (``--malloc-env``, every configuration alike): freed memory stays in the heap
+FIXED_MALLOC_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 BATCH = 128
 
 
@@ -654,6 +662,50 @@ def train_resnet(config: str, args: argparse.Namespace, workdir: Path, epochs: i
     return out
 
 
+def train_resnet_fresh(config: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """``train_resnet`` in a new process: no run inherits another's allocator state (glibc's dynamic
+    mmap threshold only ever rises, and a measurement's temporaries raise it; ``bench_allocator.py``).
+    The worker warms up with 3 steps without a monitor (imports, autograd paths), then times the run."""
+    out_file = workdir / f"{config}-{time.monotonic_ns()}.pt"
+    cmd = [
+        sys.executable,
+        __file__,
+        "--resnet-worker",
+        config,
+        "--worker-out",
+        str(out_file),
+        "--threads",
+        str(args.threads),
+        "--resnet-epochs",
+        str(args.resnet_epochs),
+        "--steps",
+        str(args.steps),
+        "--heavy-every-n-epochs",
+        str(args.heavy_every_n_epochs),
+        "--landscape-resolution",
+        str(args.landscape_resolution),
+    ]
+    env = {**os.environ, **(FIXED_MALLOC_THRESHOLDS if args.malloc_env else {})}
+    subprocess.run(cmd, env=env, check=True)
+    run: dict[str, Any] = torch.load(out_file, weights_only=False)
+    out_file.unlink()
+    return run
+
+
+def resnet_worker(args: argparse.Namespace) -> None:
+    """One timed ResNet run in this process (``--resnet-worker CONFIG``), saved to ``--worker-out``."""
+    with tempfile.TemporaryDirectory(prefix="bench_overhead_worker-") as tmp:
+        workdir = Path(tmp)
+        upscaled_digits(args.steps * BATCH)
+        saved, args.steps = args.steps, 3
+        train_resnet("baseline", args, workdir, epochs=1)  # imports, autograd paths: not timed, no measurement
+        args.steps = saved
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        run = train_resnet(args.resnet_worker, args, workdir)
+        run["minor_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    torch.save(run, args.worker_out)
+
+
 def per_instrument(run: dict[str, Any], steps: int, epochs: int) -> dict[str, dict[str, Any]]:
     """Per instrument: runs, the steps it measured at, skipped (scheduler), measurements in each epoch."""
     table = {}
@@ -688,6 +740,14 @@ def resnet_section(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.repeats} rounds of {', '.join(args.resnet_configs)} (heavy ones: {args.heavy_repeats} round(s))\n"
         f"{'=' * 100}"
     )
+    print(
+        "  each run in a fresh process (3 untimed steps without a monitor first)"
+        if not args.in_process
+        else "  every run in this process (after one untimed 3-step run with HessianMonitor())",
+        "with glibc thresholds fixed: " + " ".join(f"{k}={v}" for k, v in FIXED_MALLOC_THRESHOLDS.items())
+        if args.malloc_env
+        else "with glibc's default (dynamic) malloc thresholds",
+    )
     for c in args.resnet_configs:
         print(
             f"  {c:<15} {RESNET_CONFIGS[c]}".replace("every_n_epochs=E", f"every_n_epochs={args.heavy_every_n_epochs}")
@@ -696,19 +756,24 @@ def resnet_section(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_overhead_resnet-") as tmp:
         workdir = Path(tmp)
         upscaled_digits(steps * BATCH)
-        saved, args.steps = args.steps, 3
-        warm = train_resnet("defaults", args, workdir, epochs=1)  # imports, allocator, autograd paths: not timed
-        args.steps = saved
-        print(f"warm-up (3 steps with HessianMonitor(), not counted): {warm['wall']:.1f} s, load {loadavg()[0]:.2f}")
+        if args.in_process:
+            saved, args.steps = args.steps, 3
+            warm = train_resnet("defaults", args, workdir, epochs=1)  # imports, allocator, autograd paths: not timed
+            args.steps = saved
+            print(
+                f"warm-up (3 steps with HessianMonitor(), not counted): {warm['wall']:.1f} s, load {loadavg()[0]:.2f}"
+            )
         for i in range(args.repeats):
             for config in args.resnet_configs:
                 if config.startswith("heavy") and i >= args.heavy_repeats:
                     continue
-                run = train_resnet(config, args, workdir)
+                train = train_resnet if args.in_process else train_resnet_fresh
+                run = train(config, args, workdir)
                 by_config[config].append(run)
                 print(
                     f"  round {i + 1} {config:<15} fit {run['wall']:7.1f} s (cpu {run['cpu']:6.1f} s), "
                     f"{len(run['runs']):>2} measured steps, monitor's measuring clock {run['measure_seconds']:6.1f} s, "
+                    f"minor page faults {run.get('minor_faults', 0) / (steps * epochs):,.0f} per step, "
                     f"load {run['load1_before']:.2f} -> {run['load1_after']:.2f}",
                     flush=True,
                 )
@@ -920,7 +985,23 @@ def main() -> None:
     parser.add_argument("--heavy-every-n-epochs", type=int, default=1, help="schedule of the budget=None heavy run")
     parser.add_argument("--resnet-out", type=Path, default=RESNET_RESULTS, help="raw numbers of the ResNet section")
     parser.add_argument("--landscape-resolution", type=int, default=11, help="Landscape resolution in the heavy runs")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="every ResNet run in this process (no start-up; the runs then share the allocator's state)",
+    )
+    parser.add_argument(
+        "--malloc-env",
+        action="store_true",
+        help="fixed glibc thresholds (mmap 256 MiB, trim 1 GiB) in every ResNet run",
+    )
+    parser.add_argument("--resnet-worker", choices=tuple(RESNET_CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.resnet_worker:
+        torch.set_num_threads(args.threads)
+        resnet_worker(args)
+        return
     if "baseline" not in args.resnet_configs:
         args.resnet_configs.insert(0, "baseline")
     torch.set_num_threads(args.threads)
@@ -949,6 +1030,8 @@ def main() -> None:
             "heavy_repeats": args.heavy_repeats,
             "heavy_every_n_epochs": args.heavy_every_n_epochs,
             "landscape_resolution": args.landscape_resolution,
+            "fresh_processes": not args.in_process,
+            "malloc_env": FIXED_MALLOC_THRESHOLDS if args.malloc_env else None,
             "loadavg_start": load,
             "loadavg_end": end,
             "seconds": time.perf_counter() - t0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -145,3 +146,42 @@ class KrylovBasis:
             slab = self._rows[:m, lo:hi]
             new = c64 @ slab.to(torch.float64) if not self.native else coeffs.to(slab) @ slab
             self._rows[:r, lo:hi] = new.to(self.storage_dtype)
+
+
+class KrylovSpace:
+    """A finished Lanczos run's orthonormal basis ``V`` (``m`` vectors) with ``T = V'HV`` and the residual norm.
+
+    Lanczos (thick-restarted or not) ends with ``H V = V T + f e_m'`` where ``f``, of norm
+    ``beta``, is orthogonal to ``V``. So without another product: ``tr(V'HV) = tr(T)`` and
+    ``||H V||_F^2 = ||T||_F^2 + beta^2``. A trace estimator deflates ``V`` for free (its part of
+    ``tr(H)`` and ``tr(H^2)`` is exact) and probes only the rest: the Krylov space of a
+    ``lambda_max`` run holds the top of the spectrum, where the trace's variance lives.
+    """
+
+    def __init__(self, basis: KrylovBasis, m: int, projected: np.ndarray, beta: float) -> None:
+        self.basis, self.m = basis, m
+        self.projected = projected[:m, :m].copy()
+        self.beta = float(beta)
+
+    @property
+    def dim(self) -> int:
+        """Vectors in the basis."""
+        return self.m
+
+    def trace(self) -> float:
+        """``tr(V'HV)``: the exact part of ``tr(H)`` on the space."""
+        return float(np.trace(self.projected))
+
+    def trace_sq(self) -> float:
+        """``||H V||_F^2 = tr(V'H^2 V)``: the exact part of ``tr(H^2)`` on the space."""
+        return float(np.sum(self.projected**2) + self.beta**2)
+
+    def project_out(self, v: Tensor) -> Tensor:
+        """``(I - V V') v``, twice for orthogonality to working precision."""
+        for _ in range(2):
+            v = self.basis.subtract(self.m, self.basis.dot(self.m, v), v)
+        return v
+
+    def vectors(self) -> Tensor:
+        """The basis as an ``(m, n)`` tensor in the work dtype (for tests and small models)."""
+        return self.basis.combine(torch.eye(self.m, dtype=torch.float64), self.m)

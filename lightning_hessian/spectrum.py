@@ -49,7 +49,7 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from lightning_hessian._krylov import DEFAULT_BASIS_MEMORY, KrylovBasis, auto_max_basis
+from lightning_hessian._krylov import DEFAULT_BASIS_MEMORY, KrylovBasis, KrylovSpace, auto_max_basis
 from lightning_hessian.objective import Objective
 
 MIN_BOTTOM_PRODUCTS = 20  # products before lambda_min may be declared converged
@@ -133,6 +133,7 @@ class _LanczosOutcome:
     n_matvec: int
     n_matvec_top: int | None
     basis_bytes: int = 0
+    krylov: KrylovSpace | None = None
 
 
 def extremal_eigenpairs(
@@ -151,6 +152,7 @@ def extremal_eigenpairs(
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
     guide: Tensor | None = None,
+    krylov_out: list[KrylovSpace] | None = None,
 ) -> EigenResult:
     """Largest ``k`` eigenvalues and the most negative eigenvalue of the objective's Hessian.
 
@@ -177,6 +179,10 @@ def extremal_eigenpairs(
             early in training: added as a unit vector to the start (the warm vectors or a random
             vector), so it pays only when the overlap is large (see
             :class:`~lightning_hessian.instruments.Eigenvalues`' ``gradient_start``).
+        krylov_out: if given, receives the run's final :class:`~lightning_hessian._krylov.KrylovSpace`
+            (its basis and ``V'HV``), for a trace estimate at the same step to deflate for free
+            (:func:`~lightning_hessian.trace.hutchinson_trace`'s ``deflate``). It holds the basis's
+            memory for as long as it is kept (``EigenResult.basis_bytes``). Lanczos only.
     """
     n = objective.num_params
     itemsize = torch.empty((), dtype=basis_dtype or objective.dtype).element_size()
@@ -213,10 +219,13 @@ def extremal_eigenpairs(
                 seed=seed,
                 basis_dtype=basis_dtype,
                 basis_device=basis_device,
+                keep_basis=krylov_out is not None,
             )
             # hvp="auto" checks symmetry itself, on random vectors: Lanczos's own vectors see only
             # a 1/sqrt(N) share of an asymmetry, too little to catch a wrong double backward.
             outcome = run()
+            if krylov_out is not None and outcome.krylov is not None:
+                krylov_out.append(outcome.krylov)
     return EigenResult(
         lambda_max=float(outcome.top_values[0]),
         lambda_min=outcome.min_value,
@@ -350,6 +359,7 @@ def lanczos(
     tol_min: float | None = None,
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
+    keep_basis: bool = False,
 ) -> _LanczosOutcome:
     """Lanczos with full reorthogonalisation and thick restart on any symmetric ``matvec``.
 
@@ -360,7 +370,8 @@ def lanczos(
     not random (a breakdown then injects a random direction before stopping). ``symmetry_check(a, b)`` receives
     ``v1'H v0`` and ``v0'H v1`` after the second product; returning False raises
     :class:`AsymmetricOperatorError`. ``tol_min`` is the bottom value's tolerance (default ``tol``);
-    ``basis_dtype``/``basis_device`` say where the basis is stored (:class:`KrylovBasis`).
+    ``basis_dtype``/``basis_device`` say where the basis is stored (:class:`KrylovBasis`);
+    ``keep_basis`` returns it with ``V'HV`` as the outcome's ``krylov`` (:class:`KrylovSpace`).
     """
     n = v0.numel()
     dtype, device = v0.dtype, v0.device
@@ -413,7 +424,7 @@ def lanczos(
         else:
             beta_next = beta
             w = w / beta
-        if m == cap:
+        if m >= cap:
             m = _thick_restart(basis, proj, theta, s, beta_next, w, k, want_bottom)
             restarted = True
             continue
@@ -442,6 +453,7 @@ def lanczos(
         n_matvec=n_mv,
         n_matvec_top=n_mv_top,
         basis_bytes=basis.nbytes,
+        krylov=KrylovSpace(basis, m, proj, beta) if keep_basis else None,
     )
 
 
@@ -474,7 +486,8 @@ def _thick_restart(
     """Keep the wanted Ritz vectors of both ends, couple them to the next Lanczos vector; return the new size."""
     m = len(theta)
     keep_top = list(range(m - 1, max(m - 1 - (k + 3), -1), -1))
-    keep_bottom = list(range(min(4, m))) if want_bottom else []
+    # At least two fresh Lanczos vectors between restarts: a small basis keeps fewer bottom vectors.
+    keep_bottom = list(range(min(4, max(1, m - 2 - len(keep_top))))) if want_bottom else []
     keep = sorted(set(keep_top) | set(keep_bottom))
     p = len(keep)
     basis.restart(torch.as_tensor(s[:, keep].T.copy()), m)  # in place: no p extra vectors

@@ -17,9 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_hessian._krylov import KrylovSpace
 from lightning_hessian.objective import Objective
 
 TraceMethod = Literal["hutch++", "hutchinson"]
+#: with ``deflate``, probes are drawn from ``seed`` plus this: a Lanczos run seeded with the same
+#: integer draws from the same generator stream, and the probes must not depend on the space
+DEFLATED_SEED_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ def hutchinson_trace(
     seed: int = 0,
     *,
     products_out: list[tuple[Tensor, Tensor]] | None = None,
+    deflate: KrylovSpace | None = None,
 ) -> TraceEstimate:
     """Estimate tr(H) (and tr(H^2)) with ``n`` Hessian-vector products.
 
@@ -87,6 +92,12 @@ def hutchinson_trace(
         products_out: if given, receives the ``(v, Hv)`` pairs whose ``v`` is a plain Rademacher
             vector (Hutch++'s sketch, every probe of plain Hutchinson), for a Hessian-diagonal
             estimate at the same step to reuse (they cost two parameter-sized vectors each).
+        deflate: the Krylov space of a Lanczos run at the same parameters
+            (:func:`~lightning_hessian.spectrum.extremal_eigenpairs`' ``krylov_out``). Its part of
+            tr(H) and tr(H^2) is exact and free (``tr(V'HV)``, ``||HV||_F^2``); the sketch and
+            the probes work on the rest, ``(I - VV') H (I - VV')``. Unbiased for any space that
+            does not depend on the probes; its variance is lower the more of the top of the
+            spectrum the space holds (``benchmarks/bench_curvature.py --trace-reuse-only``).
     """
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
@@ -94,27 +105,39 @@ def hutchinson_trace(
     if not isinstance(n, int) or n < minimum:
         raise ValueError(f"n must be an integer >= {minimum} for method={method!r}, got {n!r}")
     with objective.session():
-        return _hutchinson(objective, n, method, seed, products_out)
+        return _hutchinson(objective, n, method, seed, products_out, deflate)
 
 
 def _hutchinson(
-    objective: Objective, n: int, method: str, seed: int, products_out: list[tuple[Tensor, Tensor]] | None = None
+    objective: Objective,
+    n: int,
+    method: str,
+    seed: int,
+    products_out: list[tuple[Tensor, Tensor]] | None = None,
+    deflate: KrylovSpace | None = None,
 ) -> TraceEstimate:
     start = time.perf_counter()
     before = objective.n_hvp
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed if deflate is None else seed + DEFLATED_SEED_OFFSET)
     dim = objective.num_params
     like = objective.parameters()
-    low_rank_trace, low_rank_sq = 0.0, 0.0
+    if deflate is not None and deflate.basis.n != dim:
+        raise ValueError(f"deflate holds vectors of {deflate.basis.n} entries but the objective has {dim} parameters")
+    low_rank_trace = deflate.trace() if deflate is not None else 0.0
+    low_rank_sq = deflate.trace_sq() if deflate is not None else 0.0
+
+    def outside(v: Tensor) -> Tensor:  # the part of v outside the free Krylov space
+        return v if deflate is None else deflate.project_out(v)
+
     basis: Tensor | None = None
     n_probe = n
     if method == "hutch++":
-        m = min(n // 3, dim)
+        m = min(n // 3, dim - (deflate.dim if deflate is not None else 0))
         columns = []
         for _ in range(m):
             v = _rademacher(dim, gen, like)
             hv = objective.hvp(v)
-            columns.append(hv)
+            columns.append(outside(hv))
             if products_out is not None:
                 products_out.append((v, hv))
         sketch = torch.stack(columns, dim=1)
@@ -126,11 +149,11 @@ def _hutchinson(
         n_probe = n - 2 * m
     quad, sq = [], []
     for _ in range(n_probe):
-        v = _rademacher(dim, gen, like)
+        v = outside(_rademacher(dim, gen, like))
         if basis is not None:
             v = v - basis @ (basis.T @ v)
         hv = objective.hvp(v)
-        if products_out is not None and basis is None:
+        if products_out is not None and basis is None and deflate is None:
             products_out.append((v, hv))
         quad.append(float(v @ hv))
         sq.append(float(hv @ hv))

@@ -473,3 +473,14 @@ def test_a_guide_orthogonal_to_the_top_still_finds_it() -> None:
     assert same.n_hvp == plain.n_hvp and same.lambda_max == plain.lambda_max
     with pytest.raises(ValueError, match="guide has 3 entries"):
         extremal_eigenpairs(obj, guide=torch.ones(3))
+
+
+@pytest.mark.parametrize("max_basis", [7, 8])  # the smallest allowed for k=1 (k + 6), and one more
+def test_both_ends_within_the_smallest_basis(max_basis: int) -> None:
+    """Restarts that keep both ends in a tiny basis leave room for new Lanczos vectors (they used to overflow it)."""
+    vals = _planted(200)
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    result = extremal_eigenpairs(obj, k=1, tol=1e-4, max_basis=max_basis, max_hvp=400)
+    assert result.converged
+    assert result.lambda_max == pytest.approx(vals.max(), rel=1e-3)
+    assert abs(result.lambda_min - vals.min()) <= 1e-3 * (vals.max() - vals.min())

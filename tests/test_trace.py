@@ -127,3 +127,99 @@ def test_estimate_is_deterministic_for_a_seed() -> None:
     a, b = slope_fit_trace(obj, seed=4), slope_fit_trace(obj, seed=4)
     assert (a.value, a.stderr, a.radius) == (b.value, b.stderr, b.radius)
     assert isinstance(a, TraceEstimate)
+
+
+# --- deflating the Krylov space of a Lanczos run at the same step (issue 8: reuse across instruments) ---
+
+
+def _lanczos_space(obj: Objective, which: str = "top", seed: int = 0, max_basis: int | None = None):
+    from lightning_hessian import extremal_eigenpairs
+
+    kept: list = []
+    extremal_eigenpairs(obj, tol=3e-3, which=which, seed=seed, krylov_out=kept, max_basis=max_basis)  # type: ignore[arg-type]
+    assert len(kept) == 1
+    return kept[0]
+
+
+@pytest.mark.parametrize("max_basis", [None, 8])  # 8: thick-restarted (arrowhead projected matrix)
+def test_krylov_space_parts_of_the_trace_are_exact(max_basis: int | None) -> None:
+    """tr(V'HV) = tr(T) and ||HV||_F^2 = ||T||_F^2 + beta^2, against the dense matrix, with no product spent."""
+    vals = np.concatenate([np.random.default_rng(3).uniform(-0.5, 1.0, 195), [4.0, 5.0, 6.0, 7.0, 8.0]])
+    model = QuadraticModel(vals)
+    obj = Objective(model, quadratic_loss, [None])
+    space = _lanczos_space(obj, which="both", max_basis=max_basis)
+    v = space.vectors()
+    a = model.a.to(v.dtype)
+    assert float((v @ v.T - torch.eye(space.dim, dtype=v.dtype)).abs().max()) < 1e-10
+    spent = obj.n_hvp
+    assert space.trace() == pytest.approx(float(torch.trace(v @ a @ v.T)), rel=1e-10)
+    assert space.trace_sq() == pytest.approx(float(((a @ v.T) ** 2).sum()), rel=1e-10)
+    assert obj.n_hvp == spent
+    probe = torch.randn(200, dtype=v.dtype)
+    assert float((v @ space.project_out(probe)).abs().max()) < 1e-12
+
+
+def test_deflated_estimate_is_exact_when_the_space_is_everything() -> None:
+    """A Krylov space that spans the whole parameter space leaves nothing random: the trace is exact."""
+    vals = np.random.default_rng(4).uniform(-1.0, 2.0, 40)
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    kept: list = []
+    from lightning_hessian.spectrum import lanczos
+
+    out = lanczos(obj.hvp, torch.randn(40, dtype=torch.float64), k=1, tol=1e-14, max_matvec=40, keep_basis=True)
+    assert out.krylov is not None and out.krylov.dim == 40
+    kept.append(out.krylov)
+    est = hutchinson_trace(obj, n=9, method="hutchinson", deflate=kept[0])
+    assert est.value == pytest.approx(vals.sum(), rel=1e-8, abs=1e-8)
+    assert est.trace_sq == pytest.approx((vals**2).sum(), rel=1e-8)
+
+
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+def test_deflated_estimate_is_unbiased_over_seeds(method: str) -> None:
+    vals = np.concatenate([np.random.default_rng(5).uniform(-1.0, 2.0, 295), [9.0, 10.0, 12.0, 15.0, 20.0]])
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    space = _lanczos_space(obj)
+    values = np.array([hutchinson_trace(obj, n=9, method=method, seed=s, deflate=space).value for s in range(60)])
+    assert abs(values.mean() - vals.sum()) <= 4 * values.std(ddof=1) / np.sqrt(len(values))
+
+
+def test_deflating_the_lanczos_space_beats_hutch_plus_plus_alone_when_outliers_dominate() -> None:
+    """Outliers the Lanczos run has found cost the trace nothing: at equal products the error drops."""
+    gen = np.random.default_rng(6)
+    vals = np.concatenate([gen.uniform(-0.2, 0.5, 990), np.linspace(20.0, 60.0, 10)])
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    alone, deflated = [], []
+    for seed in range(8):
+        space = _lanczos_space(obj, which="both", seed=seed)
+        alone.append(hutchinson_trace(obj, n=30, method="hutch++", seed=seed).value - vals.sum())
+        deflated.append(hutchinson_trace(obj, n=30, method="hutchinson", seed=seed, deflate=space).value - vals.sum())
+    assert np.sqrt(np.mean(np.square(deflated))) < 0.5 * np.sqrt(np.mean(np.square(alone)))
+
+
+def test_deflate_of_another_size_is_refused() -> None:
+    small = Objective(QuadraticModel(np.linspace(0.1, 1.0, 30)), quadratic_loss, [None])
+    big = Objective(QuadraticModel(np.linspace(0.1, 1.0, 50)), quadratic_loss, [None])
+    with pytest.raises(ValueError, match="deflate holds vectors of 30 entries but the objective has 50"):
+        hutchinson_trace(big, n=9, deflate=_lanczos_space(small))
+
+
+def test_trace_instrument_deflates_the_lanczos_space_of_its_step() -> None:
+    """With Eigenvalues at the same step the Trace uses its Krylov space; alone, or reuse_lanczos=False, it does not."""
+    from lightning_hessian.instruments import Eigenvalues, Trace, run_instruments
+
+    case = tanh_mlp_case()
+    exact = float(dense_hessian(case).trace())
+
+    def run(instruments):
+        obj = Objective(case.model, case.loss_fn, case.batches)
+        result = run_instruments(obj, instruments)
+        return result, result.outputs["trace"].artifacts[0].data["trace_estimate"]
+
+    both, used = run([Eigenvalues(lambda_min_every=1), Trace()])
+    alone, used_alone = run([Trace()])
+    off, used_off = run([Eigenvalues(lambda_min_every=1), Trace(reuse_lanczos=False)])
+    assert used["lanczos_space_dim"] >= 20 and used["n_hvp"] == 30  # a both-ends run: at least 20 vectors
+    assert used_alone["lanczos_space_dim"] == 0 and used_off["lanczos_space_dim"] == 0
+    assert abs(both.metrics["trace"] - exact) <= 4 * both.metrics["trace_stderr"]
+    assert off.metrics["trace"] == alone.metrics["trace"]  # reuse off: the same estimator, bit for bit
+    assert both.metrics["trace_stderr"] < alone.metrics["trace_stderr"]

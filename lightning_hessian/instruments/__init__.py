@@ -38,10 +38,15 @@ def ordered(instruments: Sequence[Instrument]) -> list[Instrument]:
 
 
 def share_products(ctx: StepContext, instruments: Sequence[Instrument]) -> None:
-    """When a Trace and a HessianDiagonal run at the same step, let the second reuse the first's products."""
+    """Products one instrument of the step can reuse from another: a HessianDiagonal the Trace's
+    Rademacher products, a Trace the Krylov space of the Eigenvalues' Lanczos run (kept only then)."""
     names = {type(ins).__name__ for ins in instruments}
     if {"Trace", "HessianDiagonal"} <= names:
         ctx.shared["rademacher_products"] = []
+    if any(isinstance(ins, Trace) and ins.reuse_lanczos for ins in instruments) and any(
+        isinstance(ins, Eigenvalues) for ins in instruments
+    ):
+        ctx.shared["keep_krylov"] = True
 
 
 def eigen_provider(instruments: Sequence[Instrument]) -> Any:

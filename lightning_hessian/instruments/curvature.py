@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_hessian import _validate
+from lightning_hessian._krylov import KrylovSpace
 from lightning_hessian.indicators import saddle_visibility
 from lightning_hessian.instruments.base import Artifact, Instrument, InstrumentOutput, StepContext
 from lightning_hessian.spectrum import EigenResult, extremal_eigenpairs
@@ -25,10 +26,10 @@ class Eigenvalues(Instrument):
             between only the top is converged, which costs a third to a half as much. A Hessian
             landscape plane always gets both ends.
         tol: residual tolerance of the top values, relative to ``|lambda_max|``: the certified
-            bound of each point (the residual: some eigenvalue lies that close). The default 1e-2
-            certifies a curve to 1 %; the actual errors were 1e-4 to 1e-7 on the benchmarks
-            (Lanczos's error is about the residual squared over the gap), about a tenth of
-            PyHessian's default or less. 1e-3 or 1e-5 for more certified digits.
+            bound of each point (the residual: some eigenvalue lies that close). The default 3e-3
+            certifies a curve to 0.3 %; the actual errors were 3e-6 to 1e-5 on the benchmarks
+            (Lanczos's error is about the residual squared over the gap), 1/160 of PyHessian's
+            default or less, at its wall time or less. 1e-5 for more certified digits.
         tol_min: tolerance of ``lambda_min``, relative to the spectral width.
         max_hvp: hard budget of Hessian-vector products; values that did not converge say so
             (``lambda_max_converged`` is 0).
@@ -54,7 +55,7 @@ class Eigenvalues(Instrument):
         k: int = 1,
         lambda_min: bool = True,
         lambda_min_every: int = 4,
-        tol: float = 1e-2,
+        tol: float = 3e-3,
         tol_min: float = 1e-3,
         max_hvp: int = 100,
         warm_start: bool = True,
@@ -81,8 +82,9 @@ class Eigenvalues(Instrument):
         self._runs = 0
 
     def expected_hvps(self) -> float:
-        """Of the next run: top only, about 6 cold (a guided first run on the CIFAR ResNet at ``tol=1e-2``:
-        5.3 products, the gradient and the one-off symmetry check) and 4 warm (4.2 there); both ends:
+        """Of the next run: top only, about 6 cold (a guided first run on the CIFAR ResNet: 5.3 products
+        at ``tol=1e-2`` and 6.6 at 1e-3, the gradient and the one-off symmetry check) and 4 warm (4.2 and
+        5.2 there); both ends:
         ``MIN_BOTTOM_PRODUCTS`` (20) and more. The budget scales a run's measured cost by these."""
         if self._wants_bottom():
             return 30.0
@@ -104,6 +106,7 @@ class Eigenvalues(Instrument):
         guide = ctx.gradient() if self.gradient_start and warm is None else None
         if isinstance(ctx.shared.get("eigen"), EigenResult):  # continue this step's top-only run
             warm, guide = ctx.shared["eigen"], None
+        kept: list[KrylovSpace] | None = [] if ctx.shared.get("keep_krylov") else None
         eigen = extremal_eigenpairs(
             objective,
             k=self.k,
@@ -114,9 +117,12 @@ class Eigenvalues(Instrument):
             seed=ctx.seed,
             which="both" if both else "top",
             guide=guide,
+            krylov_out=kept,
         )
         self._warm, self._warm_names = eigen, list(objective.param_names)
         ctx.shared["eigen"] = eigen
+        if kept:  # this step's Trace deflates it; the context, and with it the basis, ends with the step
+            ctx.shared["krylov"] = kept[0]
         return eigen
 
     def run(self, ctx: StepContext) -> InstrumentOutput:
@@ -166,6 +172,12 @@ class Trace(Instrument):
     Args:
         method: ``"hutch++"`` (lower variance for a dominant top of the spectrum) or ``"hutchinson"``.
         n_hvp: budget of Hessian-vector products.
+        reuse_lanczos: when an :class:`Eigenvalues` instrument runs at the same step, deflate the
+            Krylov space of its Lanczos run for free (:func:`~lightning_hessian.hutchinson_trace`'s
+            ``deflate``): its part of the trace is exact, and the ``n_hvp`` products estimate only
+            the rest. Unbiased either way; it lowers the variance where the space holds the top of
+            the spectrum (``benchmarks/bench_curvature.py --trace-reuse-only``). The basis is held
+            until the step's instruments are done.
         every_n_steps, every_n_epochs: this instrument's own cadence (default: the monitor's).
 
     Metrics: ``trace`` (with ``trace_stderr`` and the +-2 standard-error band ``trace_lower`` /
@@ -179,12 +191,14 @@ class Trace(Instrument):
         self,
         method: str = "hutch++",
         n_hvp: int = 30,
+        reuse_lanczos: bool = True,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs)
         self.method = _validate.choice("method", method, ("hutch++", "hutchinson"))
         self.n_hvp = _validate.positive_int("n_hvp", n_hvp, minimum=3)
+        self.reuse_lanczos = _validate.flag("reuse_lanczos", reuse_lanczos)
 
     def expected_hvps(self) -> float:
         return float(self.n_hvp + 2)
@@ -192,14 +206,18 @@ class Trace(Instrument):
     def run(self, ctx: StepContext) -> InstrumentOutput:
         # Rademacher products a HessianDiagonal at this step reuses (the monitor asks when one runs).
         shared = ctx.shared.get("rademacher_products")
+        space = ctx.shared.get("krylov") if self.reuse_lanczos else None
         estimate = hutchinson_trace(
             ctx.objective,
             n=self.n_hvp,
             method=self.method,  # type: ignore[arg-type]
             seed=ctx.seed,
             products_out=shared if isinstance(shared, list) else None,
+            deflate=space if isinstance(space, KrylovSpace) else None,
         )
         n = ctx.objective.num_params
+        used = space.dim if isinstance(space, KrylovSpace) else 0
+        record = {"trace_estimate": {"method": self.method, "n_hvp": estimate.n_hvp, "lanczos_space_dim": used}}
         return InstrumentOutput(
             {
                 "trace": estimate.value,
@@ -209,7 +227,8 @@ class Trace(Instrument):
                 "trace_sq": estimate.trace_sq,
                 "mean_curvature": estimate.value / n,
                 "random_plane_saddle_probability": saddle_visibility(estimate.value, estimate.trace_sq),
-            }
+            },
+            (Artifact("record", "trace", record),),
         )
 
 

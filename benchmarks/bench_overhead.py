@@ -611,17 +611,53 @@ class RunRecorder(pl.Callback):
         self._grab(trainer)
 
 
+class StepClock(pl.Callback):
+    """Training-step seconds without the monitor's hooks: one instance stands first in the callback list
+    (``on_train_batch_end`` before the monitor's: the step's end) and one last (``on_train_batch_start``
+    after the monitor's: the step's start); ``seconds[i]`` is the i-th step, measurements excluded."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.seconds: list[float] = []
+        self.partner: StepClock | None = None
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        if self.partner is not None:  # the last instance: the step starts now
+            self.partner.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if self.partner is None and self.started is not None:  # the first instance: the step ends now
+            self.seconds.append(time.perf_counter() - self.started)
+            self.started = None
+
+
+def step_time_blocks(seconds: list[float], measured: list[int], block: int = 50) -> dict[str, Any]:
+    """Median step seconds before the first measurement and after the last, and per block of ``block`` steps."""
+    first = min((s for s in measured if s > 0), default=None)
+    last = max(measured, default=None)
+    before = seconds[: first - 1] if first else seconds
+    after = seconds[last:] if last else []
+    return {
+        "median_before_first_measurement": median(before) if before else float("nan"),
+        "median_after_last_measurement": median(after) if after else float("nan"),
+        "block_medians": [median(seconds[i : i + block]) for i in range(0, len(seconds), block)],
+        "block": block,
+    }
+
+
 def train_resnet(config: str, args: argparse.Namespace, workdir: Path, epochs: int | None = None) -> dict[str, Any]:
     epochs = args.resnet_epochs if epochs is None else epochs
     pl.seed_everything(SEED, verbose=False)
     loader = resnet_loader(args.steps)
     monitor = resnet_monitor(config, args)
     recorder = RunRecorder(monitor) if monitor is not None else None
+    clock_end, clock_start = StepClock(), StepClock()
+    clock_start.partner = clock_end
     root = Path(tempfile.mkdtemp(prefix=f"resnet-{config}-", dir=workdir))
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
-        callbacks=[c for c in (monitor, recorder) if c is not None],
+        callbacks=[c for c in (clock_end, monitor, recorder, clock_start) if c is not None],
         logger=TensorBoardLogger(str(root), name="resnet"),
         log_every_n_steps=10,
         enable_checkpointing=False,
@@ -649,6 +685,7 @@ def train_resnet(config: str, args: argparse.Namespace, workdir: Path, epochs: i
         "runs": [],
         "slots": {},
         "measure_seconds": 0.0,
+        "step_seconds": clock_end.seconds,
     }
     if monitor is not None and recorder is not None:
         out["history"] = list(monitor.history)
@@ -847,6 +884,26 @@ def resnet_section(args: argparse.Namespace) -> dict[str, Any]:
                 f"    {name:<20} runs {t['runs']:>2}  skipped {t['skipped']:>3}  next allowed at step "
                 f"{t['next_allowed']:>6}  per epoch {t['per_epoch']}  "
                 f"steps {t['steps']}  seconds [{secs}]"
+            )
+    print(
+        "\ntraining-step seconds without the monitor's hooks (median), before the first measurement and after the "
+        "last, per round; the baseline of the same round split at the same steps"
+    )
+    for c, runs in by_config.items():
+        if c == "baseline":
+            continue
+        for i, (run, b) in enumerate(zip(runs, base, strict=False)):
+            measured = [x["step"] for x in run["runs"]]
+            mine = step_time_blocks(run["step_seconds"], measured)
+            theirs = step_time_blocks(b["step_seconds"], measured)
+            run["step_time_blocks"], b.setdefault("step_time_blocks_by", {})[c] = mine, theirs
+            m0, m1 = mine["median_before_first_measurement"], mine["median_after_last_measurement"]
+            b0, b1 = theirs["median_before_first_measurement"], theirs["median_after_last_measurement"]
+            print(
+                f"  round {i + 1} {c:<15} {m0:.4f} -> {m1:.4f} s ({m1 / m0 - 1:+.1%});  "
+                f"baseline {b0:.4f} -> {b1:.4f} s ({b1 / b0 - 1:+.1%});  "
+                f"after the last measurement, monitored / baseline {m1 / b1 - 1:+.1%}  "
+                f"(measured at steps {measured})"
             )
     defaults = next((r for r in rows if r["config"] == "defaults"), None)
     verdict: dict[str, Any] = {}

@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING, Any
 
 from lightning_hessian import instruments
+from lightning_hessian.allocator import pin_malloc_thresholds
 from lightning_hessian.instruments import run_instruments
 from lightning_hessian.landscape import Line, Surface, hessian_directions, loss_line, loss_surface, random_direction
 from lightning_hessian.objective import DetachedLossError, HvpFallbackWarning, NonFiniteLossError, Objective
@@ -41,6 +42,7 @@ __all__ = [
     "instruments",
     "loss_line",
     "loss_surface",
+    "pin_malloc_thresholds",
     "random_direction",
     "run_instruments",
     "slope_fit_trace",

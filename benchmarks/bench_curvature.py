@@ -1230,7 +1230,10 @@ def trace_reuse_table(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
         f"\ntrace reuse (issue 8): {TRACE_REUSE_HVPS} HVPs per estimate, {TRACE_REUSE_SEEDS} seeds; RMS relative error "
         "against the reference, mean reported stderr (relative), dimension of the free Krylov space"
     )
-    print(f"{'problem':>9} {'estimator':<40} {'dim V':>6} {'RMS err':>9} {'stderr':>9} {'vs hutch++':>10}")
+    print(
+        f"{'problem':>9} {'estimator':<40} {'dim V':>6} {'RMS err':>9} {'stderr':>9} {'vs hutch++':>10}   "
+        "Trace()'s choice (share of seeds: its sketch rule picks this row)"
+    )
     for problem in problems:
         if problem["dense_reference"]:
             ref = dense_reference(problem)
@@ -1238,17 +1241,18 @@ def trace_reuse_table(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             ref = fp64_reference(problem)[0]
             ref_trace, ref_err = ref["trace"], ref["trace_stderr"]
-        variants: dict[str, tuple[str | None, str]] = {
-            "hutch++ (alone)": (None, "hutch++"),
-            "hutchinson (alone)": (None, "hutchinson"),
-            "hutch++ + top-only Lanczos space": ("top", "hutch++"),
-            "hutchinson + top-only Lanczos space": ("top", "hutchinson"),
-            "hutch++ + both-ends Lanczos space": ("both", "hutch++"),
-            "hutchinson + both-ends Lanczos space": ("both", "hutchinson"),
+        third = TRACE_REUSE_HVPS // 3
+        variants: dict[str, tuple[str | None, str, int]] = {  # (space, method, sketch)
+            "hutch++ (alone)": (None, "hutch++", third),
+            "hutchinson (alone)": (None, "hutchinson", 0),
+            "hutch++ + top-only Lanczos space": ("top", "hutch++", third),
+            "hutchinson + top-only Lanczos space": ("top", "hutchinson", 0),
+            "hutch++ + both-ends Lanczos space": ("both", "hutch++", third),
+            "hutchinson + both-ends Lanczos space": ("both", "hutchinson", 0),
         }
         base_rms = None
-        for label, (which, method) in variants.items():
-            errs, stderrs, dims = [], [], []
+        for label, (which, method, sketch) in variants.items():
+            errs, stderrs, dims, defaults = [], [], [], []
             for seed in range(TRACE_REUSE_SEEDS):
                 obj = objective(problem, hvp="cached")
                 space = None
@@ -1264,7 +1268,17 @@ def trace_reuse_table(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     )
                     space = kept[0]
                     dims.append(space.dim)
-                est = hutchinson_trace(obj, n=TRACE_REUSE_HVPS, method=method, seed=seed, deflate=space)  # type: ignore[arg-type]
+                est = hutchinson_trace(
+                    obj,
+                    n=TRACE_REUSE_HVPS,
+                    method=method,  # type: ignore[arg-type]
+                    seed=seed,
+                    deflate=space,
+                    sketch=sketch,
+                )
+                # what Trace() does with this space: hutch++ with the default sketch rule
+                rule = 0 if space is not None and space.dim >= third else third
+                defaults.append(which is not None and sketch == rule)
                 errs.append((est.value - ref_trace) / abs(ref_trace))
                 stderrs.append(est.stderr / abs(ref_trace))
             rms = math.sqrt(sum(e * e for e in errs) / len(errs))
@@ -1279,11 +1293,12 @@ def trace_reuse_table(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "mean_rel_stderr": statistics.mean(stderrs),
                 "reference": ref_trace,
                 "reference_stderr": ref_err,
+                "trace_default_share": sum(defaults) / len(defaults),
             }
             rows.append(row)
             print(
                 f"{problem['name']:>9} {label:<40} {row['dim']:>6.1f} {rms:>9.2e} {row['mean_rel_stderr']:>9.2e} "
-                f"{rms / base_rms:>10.2f}"
+                f"{rms / base_rms:>10.2f}   {row['trace_default_share']:.0%}"
             )
         if ref_err:
             print(

@@ -219,7 +219,28 @@ def test_trace_instrument_deflates_the_lanczos_space_of_its_step() -> None:
     alone, used_alone = run([Trace()])
     off, used_off = run([Eigenvalues(lambda_min_every=1), Trace(reuse_lanczos=False)])
     assert used["lanczos_space_dim"] >= 20 and used["n_hvp"] == 30  # a both-ends run: at least 20 vectors
+    assert used["sketch"] == 0  # a space of at least n_hvp // 3 vectors replaces Hutch++'s sketch
     assert used_alone["lanczos_space_dim"] == 0 and used_off["lanczos_space_dim"] == 0
+    assert used_alone["sketch"] == 10 and used_off["sketch"] == 10
     assert abs(both.metrics["trace"] - exact) <= 4 * both.metrics["trace_stderr"]
     assert off.metrics["trace"] == alone.metrics["trace"]  # reuse off: the same estimator, bit for bit
     assert both.metrics["trace_stderr"] < alone.metrics["trace_stderr"]
+
+
+def test_sketch_rule_and_bad_sketches() -> None:
+    """A small Krylov space is topped up by Hutch++'s sketch, a large one replaces it; bad sizes are refused."""
+    vals = np.concatenate([np.random.default_rng(7).uniform(-0.5, 1.0, 295), [9.0, 10.0, 12.0, 15.0, 20.0]])
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    small = _lanczos_space(obj)  # top only: a few vectors
+    large = _lanczos_space(obj, which="both")  # 20 or more
+    assert small.dim < 10 <= large.dim
+    assert hutchinson_trace(obj, n=30, deflate=small).n_sketch == 10
+    est = hutchinson_trace(obj, n=30, deflate=large)
+    assert est.n_sketch == 0 and est.n_deflated == large.dim and est.n_samples == 30
+    assert hutchinson_trace(obj, n=30, deflate=large, sketch=5).n_sketch == 5
+    with pytest.raises(ValueError, match="sketch must be an integer in"):
+        hutchinson_trace(obj, n=30, sketch=16)
+    with pytest.raises(ValueError, match="takes no sketch"):
+        hutchinson_trace(obj, n=30, method="hutchinson", sketch=3)
+    with pytest.raises(ValueError, match="needs sketch >= 1 without a deflation space"):
+        hutchinson_trace(obj, n=30, sketch=0)

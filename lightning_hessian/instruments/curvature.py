@@ -176,8 +176,9 @@ class Trace(Instrument):
             Krylov space of its Lanczos run for free (:func:`~lightning_hessian.hutchinson_trace`'s
             ``deflate``): its part of the trace is exact, and the ``n_hvp`` products estimate only
             the rest. Unbiased either way; it lowers the variance where the space holds the top of
-            the spectrum (``benchmarks/bench_curvature.py --trace-reuse-only``). The basis is held
-            until the step's instruments are done.
+            the spectrum (``benchmarks/bench_curvature.py --trace-reuse-only``). A space of at
+            least ``n_hvp // 3`` vectors (a run with ``lambda_min``) replaces Hutch++'s sketch, a
+            smaller one is topped up by it. The basis is held until the step's instruments are done.
         every_n_steps, every_n_epochs: this instrument's own cadence (default: the monitor's).
 
     Metrics: ``trace`` (with ``trace_stderr`` and the +-2 standard-error band ``trace_lower`` /
@@ -216,8 +217,14 @@ class Trace(Instrument):
             deflate=space if isinstance(space, KrylovSpace) else None,
         )
         n = ctx.objective.num_params
-        used = space.dim if isinstance(space, KrylovSpace) else 0
-        record = {"trace_estimate": {"method": self.method, "n_hvp": estimate.n_hvp, "lanczos_space_dim": used}}
+        record = {
+            "trace_estimate": {
+                "method": self.method,
+                "n_hvp": estimate.n_hvp,
+                "sketch": estimate.n_sketch,
+                "lanczos_space_dim": estimate.n_deflated,
+            }
+        }
         return InstrumentOutput(
             {
                 "trace": estimate.value,

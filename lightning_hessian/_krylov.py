@@ -131,6 +131,11 @@ class KrylovBasis:
             acc += c64[:, lo : lo + chunk.shape[0]] @ chunk
         return acc.to(self.dtype)
 
+    def shrink(self, rows: int) -> None:
+        """Keep only the first ``rows`` rows, in a new allocation of that size when that frees at least half."""
+        if 2 * rows <= self._rows.shape[0]:
+            self._rows = self._rows[:rows].clone()
+
     def restart(self, coeffs: Tensor, m: int) -> None:
         """Replace rows ``0 .. r-1`` by ``coeffs @ rows[:m]`` in place, one slab of columns at a time.
 
@@ -159,6 +164,7 @@ class KrylovSpace:
     """
 
     def __init__(self, basis: KrylovBasis, m: int, projected: np.ndarray, beta: float) -> None:
+        basis.shrink(m)  # a short run in a large allocation: keep what it used, not the whole capacity
         self.basis, self.m = basis, m
         self.projected = projected[:m, :m].copy()
         self.beta = float(beta)

@@ -244,3 +244,16 @@ def test_sketch_rule_and_bad_sketches() -> None:
         hutchinson_trace(obj, n=30, method="hutchinson", sketch=3)
     with pytest.raises(ValueError, match="needs sketch >= 1 without a deflation space"):
         hutchinson_trace(obj, n=30, sketch=0)
+
+
+def test_the_basis_is_not_held_past_the_trace() -> None:
+    """A short run keeps only the rows it used, and the step's context lets go of the basis once the trace is done."""
+    from lightning_hessian.instruments import Eigenvalues, StepContext, Trace, run_instruments
+
+    vals = np.concatenate([np.random.default_rng(8).uniform(-0.5, 1.0, 295), [9.0, 10.0, 12.0, 15.0, 20.0]])
+    obj = Objective(QuadraticModel(vals), quadratic_loss, [None])
+    space = _lanczos_space(obj, max_basis=100)
+    assert space.basis._rows.shape[0] == space.dim < 20  # not the 101 rows allocated for the run
+    ctx = StepContext(obj)
+    run_instruments(obj, [Eigenvalues(lambda_min=False), Trace()], context=ctx)
+    assert "krylov" not in ctx.shared and "keep_krylov" not in ctx.shared

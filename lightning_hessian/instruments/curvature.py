@@ -207,7 +207,9 @@ class Trace(Instrument):
     def run(self, ctx: StepContext) -> InstrumentOutput:
         # Rademacher products a HessianDiagonal at this step reuses (the monitor asks when one runs).
         shared = ctx.shared.get("rademacher_products")
-        space = ctx.shared.get("krylov") if self.reuse_lanczos else None
+        # Taken out of the context: the basis is freed once the trace is done, not held for the rest of the step.
+        space = ctx.shared.pop("krylov", None) if self.reuse_lanczos else None
+        ctx.shared.pop("keep_krylov", None)
         estimate = hutchinson_trace(
             ctx.objective,
             n=self.n_hvp,

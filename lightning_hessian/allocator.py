@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 
 #: ``mallopt`` parameters (``<malloc.h>``)
@@ -25,6 +26,8 @@ M_MMAP_THRESHOLD = -3
 DEFAULT_MMAP_THRESHOLD = 256 * 2**20
 DEFAULT_TRIM_THRESHOLD = 2**30
 _INT_MAX = 2**31 - 1
+_ENV_THRESHOLDS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_pinned = False
 
 
 def pin_malloc_thresholds(
@@ -44,9 +47,25 @@ def pin_malloc_thresholds(
     libc = _glibc()
     if libc is None:
         return False
+    global _pinned
     ok_mmap = int(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) == 1
     ok_trim = int(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)) == 1
+    _pinned = _pinned or (ok_mmap and ok_trim)
     return ok_mmap and ok_trim
+
+
+def dynamic_glibc_thresholds() -> bool:
+    """Whether this process runs glibc's malloc with its dynamic thresholds (the case the module is about).
+
+    False when the C library is not glibc, when :func:`pin_malloc_thresholds` took effect, when the
+    thresholds (or glibc tunables) come from the environment, or when another allocator is preloaded.
+    """
+    if _pinned or any(os.environ.get(name) for name in _ENV_THRESHOLDS):
+        return False
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return False
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def _glibc() -> ctypes.CDLL | None:

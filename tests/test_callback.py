@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import platform
 import types
 import warnings
 from pathlib import Path
@@ -411,6 +412,30 @@ def test_budget_postpones_measurements_counts_them_and_says_so(
     assert monitor.scheduler.skipped == 27
     assert monitor.history[-1]["skipped"] == 21  # logged with the step-24 measurement: 1-3, 5-15 and 17-23
     assert "postponed" in caplog.text and "hessian/skipped" in caplog.text
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.parametrize("env", [None, "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD"])
+def test_cpu_training_on_dynamic_glibc_thresholds_is_told_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, env: str | None
+) -> None:
+    """The allocator effect on later CPU steps is named once, and not when the thresholds are fixed or replaced."""
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("lightning_hessian.allocator._pinned", False)
+    if env is not None:
+        monkeypatch.setenv(env, "/usr/lib/libjemalloc.so.2" if env == "LD_PRELOAD" else "268435456")
+    monitor = HessianMonitor(
+        instruments=[Eigenvalues(lambda_min=False)],
+        every_n_steps=3,
+        budget=None,
+        probe_dataloader=probe_loader(),
+        loss_fn=probe_loss,
+    )
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, TanhModule(), [monitor], max_epochs=1)
+    assert len(monitor.history) >= 2
+    assert caplog.text.count("glibc's dynamic malloc thresholds") == (1 if env is None else 0)
 
 
 class _AlternatingInstrument(_SlowInstrument):

@@ -86,7 +86,7 @@ def main() -> None:
     monitor = HessianMonitor(
         instruments=[
             Eigenvalues(lambda_min_every=1),  # lambda_max and lambda_min every time
-            Trace(),  # Hutch++ trace with its standard error
+            Trace(),  # Hutch++ trace with its standard error, deflating the Lanczos run of the same step
             Landscape(every_n_epochs=4, val_dataloader=val_loader),  # random and Hessian planes
         ],
         every_n_steps=25,

@@ -587,12 +587,12 @@ def test_eigenvalues_and_step_curvature_share_one_gradient() -> None:
 
 
 def test_eigenvalues_expected_cost_follows_the_kind_of_the_next_run() -> None:
-    """Cold top-only 6, warm top-only 4, both ends 30: the budget scales a run's measured seconds by these."""
+    """Cold top-only 6, warm top-only 5, both ends 30: the budget scales a run's measured seconds by these."""
     case = _small_case()
     objective = Objective(case.model, case.loss_fn, case.batches)
     eig, cold = Eigenvalues(lambda_min_every=3), Eigenvalues(warm_start=False)
     assert eig.expected_hvps() == 6.0 and cold.expected_hvps() == 6.0
-    for expected in (4.0, 30.0, 4.0):  # after run 1 (warm from now on), before the lambda_min run, after it
+    for expected in (5.0, 30.0, 5.0):  # after run 1 (warm from now on), before the lambda_min run, after it
         run_instruments(objective, [eig])
         run_instruments(objective, [cold])
         assert eig.expected_hvps() == expected and cold.expected_hvps() in (6.0, 30.0)

@@ -123,7 +123,7 @@ class Eigenvalues(Instrument):
         )
         self._warm, self._warm_names = eigen, list(objective.param_names)
         ctx.shared["eigen"] = eigen
-        if kept:  # this step's Trace deflates it; the context, and with it the basis, ends with the step
+        if kept:  # this step's Trace takes it (and frees it); else it goes with the step's context
             ctx.shared["krylov"] = kept[0]
         return eigen
 
@@ -180,7 +180,7 @@ class Trace(Instrument):
             the rest. Unbiased either way; it lowers the variance where the space holds the top of
             the spectrum (``benchmarks/bench_curvature.py --trace-reuse-only``). A space of at
             least ``n_hvp // 3`` vectors (a run with ``lambda_min``) replaces Hutch++'s sketch, a
-            smaller one is topped up by it. The basis is held until the step's instruments are done.
+            smaller one is topped up by it. The basis is held until the trace is done.
         every_n_steps, every_n_epochs: this instrument's own cadence (default: the monitor's).
 
     Metrics: ``trace`` (with ``trace_stderr`` and the +-2 standard-error band ``trace_lower`` /

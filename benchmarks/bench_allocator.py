@@ -28,9 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lightning_hessian.allocator import DEFAULT_MMAP_THRESHOLD, DEFAULT_TRIM_THRESHOLD
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "allocator.json"
-FIXED_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+# the thresholds lightning_hessian.pin_malloc_thresholds() sets (256 MiB, 1 GiB)
+FIXED_THRESHOLDS = {
+    "MALLOC_MMAP_THRESHOLD_": str(DEFAULT_MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(DEFAULT_TRIM_THRESHOLD),
+}
 
 
 def worker(action: str, blocks: int, steps: int) -> dict[str, Any]:

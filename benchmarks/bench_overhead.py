@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_hessian
 from lightning_hessian import HessianMonitor, Objective, extremal_eigenpairs
+from lightning_hessian.allocator import DEFAULT_MMAP_THRESHOLD, DEFAULT_TRIM_THRESHOLD
 from lightning_hessian.instruments import (
     Eigenvalues,
     HessianDiagonal,
@@ -490,7 +491,10 @@ def _clean(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- the CIFAR-shaped ResNet (issue 8)
 RESNET_RESULTS = RESULTS.with_name("overhead_resnet.json")
 #: glibc thresholds fixed (``--malloc-env``, every configuration alike): freed memory stays in the heap
-FIXED_MALLOC_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+FIXED_MALLOC_THRESHOLDS = {
+    "MALLOC_MMAP_THRESHOLD_": str(DEFAULT_MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(DEFAULT_TRIM_THRESHOLD),
+}
 BATCH = 128
 
 

@@ -115,6 +115,11 @@ def hutchinson_trace(
     if not isinstance(n, int) or n < minimum:
         raise ValueError(f"n must be an integer >= {minimum} for method={method!r}, got {n!r}")
     free = deflate.dim if deflate is not None else 0
+    if deflate is not None and deflate.basis.n != objective.num_params:
+        raise ValueError(
+            f"deflate holds vectors of {deflate.basis.n} entries "
+            f"but the objective has {objective.num_params} parameters"
+        )
     if sketch is None:
         sketch = 0 if method == "hutchinson" or (deflate is not None and free >= n // 3) else n // 3
     if not isinstance(sketch, int) or isinstance(sketch, bool) or sketch < 0 or 2 * sketch > n:
@@ -141,8 +146,7 @@ def _hutchinson(
     gen = torch.Generator().manual_seed(seed if deflate is None else seed + DEFLATED_SEED_OFFSET)
     dim = objective.num_params
     like = objective.parameters()
-    if deflate is not None and deflate.basis.n != dim:
-        raise ValueError(f"deflate holds vectors of {deflate.basis.n} entries but the objective has {dim} parameters")
+    free = deflate.dim if deflate is not None else 0
     low_rank_trace = deflate.trace() if deflate is not None else 0.0
     low_rank_sq = deflate.trace_sq() if deflate is not None else 0.0
 
@@ -151,7 +155,7 @@ def _hutchinson(
 
     basis: Tensor | None = None
     n_probe = n
-    m = min(sketch, dim - (deflate.dim if deflate is not None else 0))
+    m = min(sketch, dim - free)
     if m > 0:
         columns = []
         for _ in range(m):
@@ -189,8 +193,8 @@ def _hutchinson(
         method=method,
         radius=float("nan"),
         seconds=time.perf_counter() - start,
-        n_sketch=max(m, 0),
-        n_deflated=deflate.dim if deflate is not None else 0,
+        n_sketch=m,
+        n_deflated=free,
     )
 
 

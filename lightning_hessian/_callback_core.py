@@ -252,6 +252,10 @@ class _HessianMonitorCore:
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._pl_module = pl_module
         self.budget_clock.start()
+        with self.budget_clock.monitoring():  # the probe's loading and the files count as the monitor's time
+            self._start_fit(trainer, pl_module)
+
+    def _start_fit(self, trainer: Any, pl_module: Any) -> None:
         self._objective = None
         self._collectives = None
         if int(trainer.world_size) > 1:
@@ -284,28 +288,33 @@ class _HessianMonitorCore:
             landscape_prefix=self.landscape_prefix if landscape else None,
         )
 
+    # Every training hook's time, less its measurements, is the monitor's overhead, which the budget pays.
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.at_fit_start and self.probe.complete:
-            self._run(trainer, pl_module, self.scheduler.at_fit_start(int(trainer.global_step)))
+        with self.budget_clock.monitoring():
+            if self.at_fit_start and self.probe.complete:
+                self._run(trainer, pl_module, self.scheduler.at_fit_start(int(trainer.global_step)))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.budget_clock.train_batch_size = default_batch_size(batch)
-        if self.probe.capture(trainer, batch) and self.at_fit_start:
-            # before this batch's update: the start of training
-            self._run(trainer, pl_module, self.scheduler.at_fit_start(int(trainer.global_step)))
+        with self.budget_clock.monitoring():
+            self.budget_clock.train_batch_size = default_batch_size(batch)
+            if self.probe.capture(trainer, batch) and self.at_fit_start:
+                # before this batch's update: the start of training
+                self._run(trainer, pl_module, self.scheduler.at_fit_start(int(trainer.global_step)))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.sanity_checking:
             return
-        if self.scheduler.needs_replan:  # the fit-start measurement was planned before any step was timed
-            self._plan_budget(trainer, int(trainer.global_step))
-        names = self.due_instruments(trainer, step=int(trainer.global_step))
-        self._run(trainer, pl_module, self._confirmed(trainer, names))
+        with self.budget_clock.monitoring():
+            if self.scheduler.needs_replan:  # the fit-start measurement was planned before any step was timed
+                self._plan_budget(trainer, int(trainer.global_step))
+            names = self.due_instruments(trainer, step=int(trainer.global_step))
+            self._run(trainer, pl_module, self._confirmed(trainer, names))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._settle_probe(trainer, f"the end of epoch {trainer.current_epoch}")
-        names = self.due_instruments(trainer, epoch=int(trainer.current_epoch))
-        self._run(trainer, pl_module, self._confirmed(trainer, names))
+        with self.budget_clock.monitoring():
+            self._settle_probe(trainer, f"the end of epoch {trainer.current_epoch}")
+            names = self.due_instruments(trainer, epoch=int(trainer.current_epoch))
+            self._run(trainer, pl_module, self._confirmed(trainer, names))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._settle_probe(trainer, "the end of training")
@@ -373,6 +382,7 @@ class _HessianMonitorCore:
             "version": _STATE_VERSION,
             "scheduler": self.scheduler.state_dict(),
             "train_seconds": self.budget_clock.train_seconds(),
+            "overhead_seconds": self.budget_clock.overhead_seconds(),
             "instruments": {name: ins.state_dict() for name, ins in self._by_name.items()},
             "n_failed": self._n_failed,
             "last_measured_step": self._last_measured_step(),
@@ -391,6 +401,7 @@ class _HessianMonitorCore:
             return
         self.scheduler.load_state_dict(state_dict.get("scheduler") or {})
         self.budget_clock.before = float(state_dict.get("train_seconds", 0.0))
+        self.budget_clock.overhead_before = float(state_dict.get("overhead_seconds", 0.0))
         for name, state in (state_dict.get("instruments") or {}).items():
             if name in self._by_name:
                 self._by_name[name].load_state_dict(state)
@@ -511,7 +522,10 @@ class _HessianMonitorCore:
             return
         estimates = self._first_cost_estimates(trainer)
         next_hvps = {name: float(ins.expected_hvps()) for name, ins in self._by_name.items()}
-        plan = self.scheduler.plan(step, self.budget_clock.train_seconds(), step, estimates, next_hvps)
+        clock = self.budget_clock
+        plan = self.scheduler.plan(
+            step, clock.train_seconds(), step, estimates, next_hvps, overhead_seconds=clock.overhead_seconds()
+        )
         if int(trainer.world_size) > 1:
             plan = trainer.strategy.broadcast(plan, src=0)
         self.scheduler.apply(plan)

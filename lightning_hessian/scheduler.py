@@ -5,15 +5,19 @@ and it answers with the instruments to run. Budget decisions are turned into *st
 (``next_allowed``) once per measurement, so that under DDP one broadcast of rank zero's numbers
 makes every rank decide identically without a collective at every step.
 
-The budget: instrument ``i`` may spend ``share_i = budget * weight_i / sum(weights)`` of the
-training time so far. After a run it may run again from the first step at which, at the mean
-training-step time so far, its spending plus one more run fits its share; the next run is taken
-to cost what the last did, scaled by the instrument's expected HVPs for it over those for the
-last (a cheap ``lambda_max`` after an expensive ``lambda_min`` run is planned as cheap). A
-measurement that is due before then is *postponed*: it stays pending and runs at the first
-allowed step; further due points while it is pending are coalesced. Both count as skipped.
-The start and the end of fit are due points like the others. An instrument that has not run yet
-is planned with an estimated cost (its expected HVPs times an estimated HVP time).
+The budget: instrument ``i`` has a share ``share_i = budget * weight_i / sum(weights)`` of the
+training time so far (less the monitor's own overhead: hooks, logging, files). Its next run is
+*entitled* from the first step at which, at the mean training-step time so far, its spending
+plus that run fits its share. It may run earlier on what the whole monitor has left unspent
+when its entitlement is the first of all instruments': that spending is back within its share
+before any other share fills, so nobody waits longer than with fixed shares while a cheap
+instrument does not idle behind an expensive one that is saving up. The next run is taken to
+cost what the last did, scaled by the instrument's expected HVPs for it over those for the last
+(a cheap ``lambda_max`` after an expensive ``lambda_min`` run is planned as cheap). A
+measurement that is due before it may run is *postponed*: it stays pending and runs at the
+first allowed step; further due points while it is pending are coalesced. Both count as
+skipped. The start and the end of fit are due points like the others. An instrument that has
+not run yet is planned with an estimated cost (its expected HVPs times an estimated HVP time).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Scheduler:
         self.shares = {name: (budget or 0.0) * w[name] / total for name in cadences}
         self.slots = {name: _Slot() for name in cadences}
         self.train_seconds = 0.0  # carried across a resume
+        self.overhead_seconds = 0.0  # the monitor's time outside measurements; carried across a resume
         self.new_skips = 0  # skips since the last call of take_new_skips()
         self.needs_replan = False  # a plan made before any training step was timed
         self._due_now: set[str] = set()
@@ -148,16 +153,27 @@ class Scheduler:
         train_steps: int,
         estimates: dict[str, float] | None = None,
         next_hvps: dict[str, float] | None = None,
+        overhead_seconds: float = 0.0,
     ) -> dict[str, int]:
-        """Rank zero: the step from which each instrument fits its share again (to broadcast and :meth:`apply`).
+        """Rank zero: the first step at which each instrument may run again (to broadcast and :meth:`apply`).
 
         ``estimates``: predicted seconds of instruments that have not run yet (their first cost).
         ``next_hvps``: the instruments' expected HVPs for their next run; an instrument that ran is
         planned with its last cost scaled by ``next_hvps / last_expected`` (1 when its runs are
         alike), so that after an expensive run of one kind (``lambda_min`` with ``lambda_max``)
         the next, cheaper one is not planned as if it cost as much.
+        ``overhead_seconds``: the monitor's time outside measurements (its hooks, logging, files),
+        taken off the budget before the shares.
+
+        An instrument may run from the training time at which its own share pays for its next run
+        (*entitled*), or earlier, on the unspent budget of the whole monitor, if its entitlement
+        comes first of all the instruments': what it spends early is back in its share before any
+        other instrument's share fills, so no instrument waits longer than with fixed shares and the
+        total stays within ``budget * train_seconds``. Instruments allowed now take their cost off
+        that unspent budget in order, so two early runs at one step must fit together.
         """
         self.train_seconds = train_seconds
+        self.overhead_seconds = overhead_seconds
         if self.budget is None:
             return {}
         if train_steps <= 0:  # no step timed yet: plan again after the next step (same decision on every rank)
@@ -165,18 +181,34 @@ class Scheduler:
             return {name: step + 1 for name in self.slots}
         self.needs_replan = False
         step_seconds = max(train_seconds, 1e-9) / train_steps
+        costs = {
+            name: self._next_cost(name, next_hvps) if slot.runs else (estimates or {}).get(name, 0.0)
+            for name, slot in self.slots.items()
+        }
+        entitled = {name: self._entitled_at(name, costs[name], overhead_seconds) for name in self.slots}
+        unspent = self.budget * train_seconds - overhead_seconds - sum(slot.spent for slot in self.slots.values())
         plan = {}
-        for name, slot in self.slots.items():
-            share = self.shares[name]
-            cost = self._next_cost(name, next_hvps) if slot.runs else (estimates or {}).get(name, 0.0)
-            needed = (slot.spent + cost) / share - train_seconds if share > 0 else math.inf
-            if needed <= 0:
-                plan[name] = step + (1 if slot.last_run == step else 0)
-            elif not math.isfinite(needed):
+        for name in sorted(self.slots, key=lambda n: entitled[n]):  # the earliest entitlement first
+            slot = self.slots[name]
+            at = entitled[name]
+            if at > train_seconds and all(at <= entitled[other] for other in self.slots if other != name):
+                at = min(at, train_seconds + max(costs[name] - unspent, 0.0) / self.budget)  # the unspent covers it
+            if not math.isfinite(at):
                 plan[name] = step + 1_000_000_000
+            elif at <= train_seconds:
+                plan[name] = step + (1 if slot.last_run == step else 0)
+                if slot.pending_since >= 0 and slot.last_run != step:
+                    unspent -= costs[name]  # runs now: what is left for the next one at this step
             else:
-                plan[name] = step + max(1, math.ceil(needed / step_seconds))
+                plan[name] = step + max(1, math.ceil((at - train_seconds) / step_seconds))
         return plan
+
+    def _entitled_at(self, name: str, cost: float, overhead_seconds: float) -> float:
+        """Training seconds from which the instrument's share of the budget (after the overhead) pays its next run."""
+        share = self.shares[name]
+        if share <= 0 or not self.budget:
+            return math.inf
+        return (self.slots[name].spent + cost) / share + overhead_seconds / self.budget
 
     def _next_cost(self, name: str, next_hvps: dict[str, float] | None) -> float:
         slot = self.slots[name]
@@ -211,13 +243,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        return {"slots": {name: asdict(slot) for name, slot in self.slots.items()}, "train_seconds": self.train_seconds}
+        return {
+            "slots": {name: asdict(slot) for name, slot in self.slots.items()},
+            "train_seconds": self.train_seconds,
+            "overhead_seconds": self.overhead_seconds,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, values in (state.get("slots") or {}).items():
             if name in self.slots:
                 self.slots[name] = _Slot(**{k: v for k, v in values.items() if k in _Slot.__dataclass_fields__})
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.overhead_seconds = float(state.get("overhead_seconds", 0.0))
 
 
 def unique_names(names: Iterable[str]) -> list[str]:

@@ -414,6 +414,28 @@ def test_budget_postpones_measurements_counts_them_and_says_so(
     assert "postponed" in caplog.text and "hessian/skipped" in caplog.text
 
 
+def test_the_monitors_own_time_outside_measurements_is_paid_from_the_budget(tmp_path: Path) -> None:
+    """Writing a measurement (files, loggers) is the monitor's time too: it is not training time, and the
+    budget pays it before the instrument's share."""
+    clock = _FakeClock()
+    monitor = _budgeted_on(clock, _SlowInstrument(clock, 2.0))
+    publish = monitor._publish
+
+    def slow_publish(*args: Any) -> None:
+        publish(*args)
+        clock.now += 1.0  # every write takes one second
+
+    monitor._publish = slow_publish  # type: ignore[method-assign]
+    _fit(tmp_path, TanhModule(), [_SlowSteps(clock), monitor], max_epochs=5)
+    # First run (planned at 1.0 s) at 1.0 / 0.25 = 4 s: step 4, then 1 s of writing. The next fits at
+    # (2 + 2) / 0.25 + 1 / 0.25 = 20 s of training (16 s if the writing were free), the one after at
+    # (4 + 2) / 0.25 + 2 / 0.25 = 32 s: past the end.
+    assert _steps(monitor) == [4, 20]
+    assert monitor.budget_clock.overhead == 2.0
+    assert monitor.budget_clock.train_seconds() == 30.0  # the 30 steps; neither measuring nor writing counts
+    assert monitor.state_dict()["overhead_seconds"] == 2.0
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 @pytest.mark.parametrize("env", [None, "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD"])
 def test_cpu_training_on_dynamic_glibc_thresholds_is_told_once(

@@ -191,7 +191,8 @@ class Scheduler:
         for name in sorted(self.slots, key=lambda n: entitled[n]):  # the earliest entitlement first
             slot = self.slots[name]
             at = entitled[name]
-            if at > train_seconds and all(at <= entitled[other] for other in self.slots if other != name):
+            first = all(at <= entitled[other] for other in self.slots if other != name)
+            if train_seconds < at < math.inf and first:  # a weight-0 instrument never runs under a budget
                 at = min(at, train_seconds + max(costs[name] - unspent, 0.0) / self.budget)  # the unspent covers it
             if not math.isfinite(at):
                 plan[name] = step + 1_000_000_000

@@ -64,7 +64,6 @@ class Scheduler:
         self.shares = {name: (budget or 0.0) * w[name] / total for name in cadences}
         self.slots = {name: _Slot() for name in cadences}
         self.train_seconds = 0.0  # carried across a resume
-        self.overhead_seconds = 0.0  # the monitor's time outside measurements; carried across a resume
         self.new_skips = 0  # skips since the last call of take_new_skips()
         self.needs_replan = False  # a plan made before any training step was timed
         self._due_now: set[str] = set()
@@ -173,7 +172,6 @@ class Scheduler:
         that unspent budget in order, so two early runs at one step must fit together.
         """
         self.train_seconds = train_seconds
-        self.overhead_seconds = overhead_seconds
         if self.budget is None:
             return {}
         if train_steps <= 0:  # no step timed yet: plan again after the next step (same decision on every rank)
@@ -187,12 +185,12 @@ class Scheduler:
         }
         entitled = {name: self._entitled_at(name, costs[name], overhead_seconds) for name in self.slots}
         unspent = self.budget * train_seconds - overhead_seconds - sum(slot.spent for slot in self.slots.values())
+        earliest = min(entitled.values())
         plan = {}
         for name in sorted(self.slots, key=lambda n: entitled[n]):  # the earliest entitlement first
             slot = self.slots[name]
             at = entitled[name]
-            first = all(at <= entitled[other] for other in self.slots if other != name)
-            if train_seconds < at < math.inf and first:  # a weight-0 instrument never runs under a budget
+            if train_seconds < at <= earliest < math.inf:  # a weight-0 instrument (never entitled) never runs early
                 at = min(at, train_seconds + max(costs[name] - unspent, 0.0) / self.budget)  # the unspent covers it
             if not math.isfinite(at):
                 plan[name] = step + 1_000_000_000
@@ -207,7 +205,7 @@ class Scheduler:
     def _entitled_at(self, name: str, cost: float, overhead_seconds: float) -> float:
         """Training seconds from which the instrument's share of the budget (after the overhead) pays its next run."""
         share = self.shares[name]
-        if share <= 0 or not self.budget:
+        if share <= 0 or self.budget is None:  # a weight of 0, a budget of 0, or none
             return math.inf
         return (self.slots[name].spent + cost) / share + overhead_seconds / self.budget
 
@@ -244,18 +242,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "slots": {name: asdict(slot) for name, slot in self.slots.items()},
-            "train_seconds": self.train_seconds,
-            "overhead_seconds": self.overhead_seconds,
-        }
+        return {"slots": {name: asdict(slot) for name, slot in self.slots.items()}, "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, values in (state.get("slots") or {}).items():
             if name in self.slots:
                 self.slots[name] = _Slot(**{k: v for k, v in values.items() if k in _Slot.__dataclass_fields__})
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.overhead_seconds = float(state.get("overhead_seconds", 0.0))
 
 
 def unique_names(names: Iterable[str]) -> list[str]:

@@ -433,7 +433,11 @@ def test_the_monitors_own_time_outside_measurements_is_paid_from_the_budget(tmp_
     assert _steps(monitor) == [4, 20]
     assert monitor.budget_clock.overhead == 2.0
     assert monitor.budget_clock.train_seconds() == 30.0  # the 30 steps; neither measuring nor writing counts
-    assert monitor.state_dict()["overhead_seconds"] == 2.0
+    state = monitor.state_dict()
+    assert state["overhead_seconds"] == 2.0
+    resumed = _budgeted_on(clock, _SlowInstrument(clock, 2.0))
+    resumed.load_state_dict(state)  # carried across a resume, like the training time
+    assert resumed.budget_clock.overhead_seconds() == 2.0 and resumed.budget_clock.train_seconds() == 30.0
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")

@@ -83,14 +83,6 @@ def test_the_monitors_overhead_comes_off_the_budget_first() -> None:
     assert all(spent <= allowed + 1e-9 for _, spent, allowed in ledger)
 
 
-def test_the_overhead_is_carried_in_the_scheduler_state() -> None:
-    scheduler = Scheduler({"a": Cadence(every_n_steps=1)}, 0.05)
-    scheduler.plan(3, 30.0, 3, {"a": 1.0}, overhead_seconds=0.7)
-    restored = Scheduler({"a": Cadence(every_n_steps=1)}, 0.05)
-    restored.load_state_dict(scheduler.state_dict())
-    assert restored.overhead_seconds == 0.7 and restored.train_seconds == 30.0
-
-
 def test_an_instrument_of_weight_zero_never_runs_under_a_budget_even_alone() -> None:
     runs, _ = _simulate({"free": 0.1, "other": 1.0}, {"free": 0.0, "other": 1.0}, budget=0.25, steps=50)
     assert runs["free"] == [] and runs["other"][:2] == [4, 8]

@@ -649,6 +649,31 @@ def step_time_blocks(seconds: list[float], measured: list[int], block: int = 50)
     }
 
 
+def decomposed_overhead(run: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
+    """The monitor's wall overhead of one round without the process-to-process speed factor.
+
+    Two processes of the same run differ by up to about 5 % in step speed before any measurement
+    (memory layout: see the README), which swamps a 5 % target in a wall ratio. Per round this adds
+    the two things the monitor costs, each measured inside one process: ``added`` is the time
+    outside training steps the monitor run has beyond the baseline's (measuring, the monitor's
+    hooks, files), relative to the monitored run's summed steps; ``slowdown`` is how much the steps
+    after the first measurement are slower than those before it, against the baseline's same split
+    (a measurement's after-effect, such as the allocator's), weighted by the share of steps after it.
+    """
+    s_mon, s_base = sum(run["step_seconds"]), sum(base["step_seconds"])
+    added = ((run["wall"] - s_mon) - (base["wall"] - s_base)) / s_mon
+    measured = [x["step"] for x in run["runs"]]
+    first = min((s for s in measured if s > 0), default=None)
+    slowdown, after = 0.0, 0.0
+    if first is not None and first < len(run["step_seconds"]):
+        mine, theirs = run["step_seconds"], base["step_seconds"]
+        m0, m1 = median(mine[: first - 1]), median(mine[first:])
+        b0, b1 = median(theirs[: first - 1]), median(theirs[first:])
+        slowdown = (m1 / m0) / (b1 / b0) - 1
+        after = sum(mine[first:]) / s_mon
+    return {"added": added, "slowdown": slowdown, "after_share": after, "total": added + slowdown * after}
+
+
 def train_resnet(config: str, args: argparse.Namespace, workdir: Path, epochs: int | None = None) -> dict[str, Any]:
     epochs = args.resnet_epochs if epochs is None else epochs
     pl.seed_everything(SEED, verbose=False)
@@ -698,6 +723,7 @@ def train_resnet(config: str, args: argparse.Namespace, workdir: Path, epochs: i
         # the monitor's own clock of measuring; seconds per HVP of the latest measurement (None before the first);
         # private attributes, read for the diagnosis only
         out["measure_seconds"] = float(monitor.budget_clock.measuring)
+        out["overhead_seconds"] = float(monitor.budget_clock.overhead)  # hooks, probe capture, publishing
         out["seconds_per_hvp"] = monitor.budget_clock.hvp_seconds
         out["instrument_seconds"] = sum(sum(r["seconds"].values()) for r in recorder.runs)
     return out
@@ -909,17 +935,38 @@ def resnet_section(args: argparse.Namespace) -> dict[str, Any]:
                 f"after the last measurement, monitored / baseline {m1 / b1 - 1:+.1%}  "
                 f"(measured at steps {measured})"
             )
+    print(
+        "\noverhead without the process-to-process speed factor, per round (decomposed_overhead): the time outside "
+        "training steps the run adds to the baseline's, relative to its summed steps; the steps' slowdown after the "
+        "first measurement against the baseline's same split, times the share of steps after it; their sum"
+    )
+    for row in rows:
+        c = row["config"]
+        parts = [decomposed_overhead(run, b) for run, b in zip(by_config[c], base, strict=False)]
+        row["decomposed"] = parts
+        row["decomposed_median"] = median([p["total"] for p in parts])
+        for i, (p, run) in enumerate(zip(parts, by_config[c], strict=False)):
+            print(
+                f"  round {i + 1} {c:<15} added outside steps {p['added']:+.2%} (measuring clock "
+                f"{run['measure_seconds'] / sum(run['step_seconds']):.2%}, charged overhead "
+                f"{run.get('overhead_seconds', 0.0):.2f} s); steps after the first measurement {p['slowdown']:+.2%} "
+                f"x {p['after_share']:.0%}; total {p['total']:+.2%}"
+            )
     defaults = next((r for r in rows if r["config"] == "defaults"), None)
     verdict: dict[str, Any] = {}
     if defaults is not None:
-        ok_budget = defaults["overhead_median"] <= 0.05
+        ok_budget = defaults["decomposed_median"] <= 0.05
         ok_epoch = all(n >= 1 for n in defaults["lambda_max_per_epoch"])
-        verdict = {"defaults_within_5_percent": ok_budget, "lambda_max_every_epoch": ok_epoch}
+        verdict = {
+            "defaults_within_5_percent": ok_budget,
+            "defaults_within_5_percent_by_wall_medians": defaults["overhead_median"] <= 0.05,
+            "lambda_max_every_epoch": ok_epoch,
+        }
         print(
-            f"\nHessianMonitor() defaults: overhead {defaults['overhead_median']:.1%} (paired "
-            f"{defaults['overhead_paired_median']:.1%}; measuring clock / wall {defaults['measure_share_median']:.1%}) "
-            f"-> {'MEETS' if ok_budget else 'DOES NOT MEET'} the 5 % target by the wall medians (on a loaded machine "
-            "the measuring clock is the firmer number); "
+            f"\nHessianMonitor() defaults: overhead {defaults['decomposed_median']:.2%} without the process factor "
+            f"(median of the rounds) -> {'MEETS' if ok_budget else 'DOES NOT MEET'} the 5 % target; by the wall "
+            f"medians {defaults['overhead_median']:.1%} (paired {defaults['overhead_paired_median']:.1%}; these carry "
+            "the process factor); "
             f"lambda_max measured per epoch {defaults['lambda_max_per_epoch']} -> "
             f"{'at least once per epoch' if ok_epoch else 'NOT once per epoch'}"
         )

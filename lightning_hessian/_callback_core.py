@@ -469,7 +469,8 @@ class _HessianMonitorCore:
                 one = functools.partial(self._one, ctx, name, ins)
                 ok, out = self._guarded(trainer, f"the {name} measurement", functools.partial(self._agreed, one))
                 seconds[name] = self._clock() - t0
-                self.scheduler.ran(name, step, seconds[name], expected)
+                realized = ins.last_run_hvps() if ok else None
+                self.scheduler.ran(name, step, seconds[name], expected if realized is None else realized)
                 if ok:
                     outputs[name] = out
                 else:

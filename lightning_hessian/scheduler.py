@@ -46,7 +46,7 @@ class _Slot:
     next_allowed: int = 0
     spent: float = 0.0
     last_cost: float = 0.0
-    last_expected: float = 0.0  # the instrument's expected HVPs for the run that cost last_cost
+    last_expected: float = 0.0  # the HVPs of the run that cost last_cost: as it turned out, else as expected
     runs: int = 0
     skipped: int = 0
 
@@ -63,7 +63,6 @@ class Scheduler:
         total = sum(w.values()) or 1.0
         self.shares = {name: (budget or 0.0) * w[name] / total for name in cadences}
         self.slots = {name: _Slot() for name in cadences}
-        self.train_seconds = 0.0  # carried across a resume
         self.new_skips = 0  # skips since the last call of take_new_skips()
         self.needs_replan = False  # a plan made before any training step was timed
         self._due_now: set[str] = set()
@@ -134,8 +133,9 @@ class Scheduler:
     def ran(self, name: str, step: int, seconds: float, expected_hvps: float = 0.0) -> None:
         """Record a run (successful or failed: both cost time); clears what was pending.
 
-        ``expected_hvps``: what the instrument expected this run to cost, to scale its next run's
-        cost when that run is of another kind (see :meth:`plan`).
+        ``expected_hvps``: what this run cost in the unit of the instrument's expected HVPs (its
+        measured count where it reports one, else what it expected), to scale the next run's cost
+        when that run is of another kind or size (see :meth:`plan`).
         """
         slot = self.slots[name]
         slot.last_run = step
@@ -171,7 +171,6 @@ class Scheduler:
         total stays within ``budget * train_seconds``. Instruments allowed now take their cost off
         that unspent budget in order, so two early runs at one step must fit together.
         """
-        self.train_seconds = train_seconds
         if self.budget is None:
             return {}
         if train_steps <= 0:  # no step timed yet: plan again after the next step (same decision on every rank)
@@ -242,13 +241,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        return {"slots": {name: asdict(slot) for name, slot in self.slots.items()}, "train_seconds": self.train_seconds}
+        return {"slots": {name: asdict(slot) for name, slot in self.slots.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, values in (state.get("slots") or {}).items():
             if name in self.slots:
                 self.slots[name] = _Slot(**{k: v for k, v in values.items() if k in _Slot.__dataclass_fields__})
-        self.train_seconds = float(state.get("train_seconds", 0.0))
 
 
 def unique_names(names: Iterable[str]) -> list[str]:

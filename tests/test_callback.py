@@ -440,6 +440,26 @@ def test_the_monitors_own_time_outside_measurements_is_paid_from_the_budget(tmp_
     assert resumed.budget_clock.overhead_seconds() == 2.0 and resumed.budget_clock.train_seconds() == 30.0
 
 
+class _LargerThanExpected(_SlowInstrument):
+    """Expects 0.1 HVP per run, and each run reports that it turned out to take 0.2."""
+
+    name = "larger"
+
+    def last_run_hvps(self) -> float | None:
+        return 0.2
+
+
+def test_the_budget_plans_the_next_run_from_what_the_last_one_turned_out_to_be(tmp_path: Path) -> None:
+    clock = _FakeClock()
+    monitor = _budgeted_on(clock, _LargerThanExpected(clock, 2.0))
+    _fit(tmp_path, TanhModule(), [_SlowSteps(clock), monitor], max_epochs=5)
+    # The first run (planned at 1.0 s) at step 4 costs 2 s for what it reports as 0.2 HVP; the next is
+    # expected at 0.1, so it is planned at 2 x 0.1 / 0.2 = 1 s: (2 + 1) / 0.25 = 12 s, then 20 and 28 s.
+    # With the expectation alone (0.1 / 0.1) it would be planned at 2 s: steps 4, 16, 24.
+    assert _steps(monitor) == [4, 12, 20, 28]
+    assert monitor.scheduler.slots["larger"].last_expected == 0.2
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 @pytest.mark.parametrize("env", [None, "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD"])
 def test_cpu_training_on_dynamic_glibc_thresholds_is_told_once(

@@ -586,13 +586,28 @@ def test_eigenvalues_and_step_curvature_share_one_gradient() -> None:
     assert alone.n_grad == 0
 
 
-def test_eigenvalues_expected_cost_follows_the_kind_of_the_next_run() -> None:
-    """Cold top-only 6, warm top-only 5, both ends 30: the budget scales a run's measured seconds by these."""
+def test_eigenvalues_expected_cost_is_the_measured_count_of_its_last_run_of_the_same_kind() -> None:
+    """Priors before a kind has run (6 cold, 6 first warm, 30 both ends), then the products the last
+    run of that kind made; the run just ended reports its own count (a cold run's one-offs as one more)."""
     case = _small_case()
     objective = Objective(case.model, case.loss_fn, case.batches)
     eig, cold = Eigenvalues(lambda_min_every=3), Eigenvalues(warm_start=False)
-    assert eig.expected_hvps() == 6.0 and cold.expected_hvps() == 6.0
-    for expected in (5.0, 30.0, 5.0):  # after run 1 (warm from now on), before the lambda_min run, after it
-        run_instruments(objective, [eig])
+    assert eig.expected_hvps() == 6.0 and cold.expected_hvps() == 6.0 and eig.last_run_hvps() is None
+    counts = []
+    for i in range(5):  # runs 0, 1 top only (cold, warm), 2 both ends, 3 warm top, 4 warm top
+        counts.append(run_instruments(objective, [eig]).metrics["lanczos_hvp_count"])
+        assert eig.last_run_hvps() == counts[-1] + (1.0 if i == 0 else 0.0)
         run_instruments(objective, [cold])
-        assert eig.expected_hvps() == expected and cold.expected_hvps() in (6.0, 30.0)
+        assert cold.expected_hvps() in (6.0, 30.0)
+        if i == 0:
+            assert eig.expected_hvps() == 6.0  # the first warm run: the prior, not the cold run's count
+        elif i == 1:
+            assert eig.expected_hvps() == 30.0  # both ends next, none measured yet
+        elif i == 4:
+            assert eig.expected_hvps() == counts[2]  # both ends next: the last both-ends run's count
+        else:
+            assert eig.expected_hvps() == counts[i if i != 2 else 1]  # warm top next: the last warm top-only run
+    assert counts[2] > counts[1]  # the both-ends run is the dear one: the test tells the kinds apart
+    resumed = Eigenvalues(lambda_min_every=3)
+    resumed.load_state_dict(eig.state_dict())
+    assert resumed.expected_hvps() == counts[2]  # the measured counts travel in the checkpoint

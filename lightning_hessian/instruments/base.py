@@ -158,6 +158,15 @@ class Instrument:
         """
         return 10.0
 
+    def last_run_hvps(self) -> float | None:
+        """What the run that just ended turned out to cost, in the unit of :meth:`expected_hvps`.
+
+        The budget scales that run's seconds by ``expected_hvps() / last_run_hvps()`` to plan the
+        next run, so an instrument whose product count varies from run to run can report its
+        measured count here. ``None`` (the default): the run cost what it expected.
+        """
+        return None
+
     def check(self, num_params: int) -> None:
         """Fail early (at the monitor's setup) when the options cannot work for this many parameters."""
 

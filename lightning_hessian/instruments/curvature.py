@@ -80,17 +80,30 @@ class Eigenvalues(Instrument):
         self._warm: EigenResult | Tensor | None = None
         self._warm_names: list[str] | None = None
         self._runs = 0
+        self._measured: dict[str, float] = {"warm": 0.0, "both": 0.0}  # products of the last run of each kind
+        self._last_hvps: float | None = None
 
     def expected_hvps(self) -> float:
-        """Of the next run: top only, about 6 cold (a guided first run on the CIFAR ResNet at the default
-        ``tol=3e-3``: 5 products, the gradient and the one-off symmetry check) and 5 warm (5-6 products
-        there, 330-440 steps after the previous run: at the budget's spacing the Hessian has moved, and
-        a warm run cost 0.9 of the first run's seconds); both ends: ``MIN_BOTTOM_PRODUCTS`` (20) and
-        more. The budget scales a run's measured cost by these: a warm estimate below the truth makes
-        it overspend (planned at 4, the second run cost 35 % more than planned)."""
+        """Of the next run, measured where it can be: a warm top-only run is expected to take what
+        the last warm top-only run took, a both-ends run what the last both-ends run took.
+
+        Before any such run: 6 cold (a guided first run on the CIFAR ResNet at the default
+        ``tol=3e-3``: 5 products, plus the gradient and the one-off symmetry check), 6 for the first
+        warm one (5-6 products there, 300-450 steps after the previous run: at the budget's spacing
+        the Hessian has moved, and a warm run cost 0.94 of the first run's seconds), and
+        ``MIN_BOTTOM_PRODUCTS`` (20) and more, 30, for both ends. A prior below the truth makes the
+        budget overspend: a warm prior of 5 after a first run of 6 (5 products and the one-offs)
+        planned the second run at 4.6 s, which cost 5.6-5.7 s, and the budget ended at 5.2 %.
+        """
         if self._wants_bottom():
-            return 30.0
-        return 5.0 if self.warm_start and self._warm is not None else 6.0
+            return self._measured["both"] or 30.0
+        if self.warm_start and self._warm is not None:
+            return self._measured["warm"] or 6.0
+        return 6.0
+
+    def last_run_hvps(self) -> float | None:
+        """The last run's Lanczos products (a cold run's one-offs count as one more): see :meth:`expected_hvps`."""
+        return self._last_hvps
 
     def _wants_bottom(self) -> bool:
         """lambda_min at runs every-1, 2*every-1, ...: the first run is top-only, the cheapest to plan."""
@@ -128,8 +141,17 @@ class Eigenvalues(Instrument):
         return eigen
 
     def run(self, ctx: StepContext) -> InstrumentOutput:
+        warm = self.warm_start and self._warm is not None
+        before = ctx.objective.n_hvp
         eigen = ctx.eigenpairs(both_ends=self._wants_bottom())
         self._runs += 1
+        made = ctx.objective.n_hvp - before  # 0 when another instrument of this step ran Lanczos first
+        self._last_hvps = None
+        if made > 0:
+            kind = "both" if eigen.vector_min is not None else ("warm" if warm else None)
+            if kind is not None:
+                self._measured[kind] = float(made)
+            self._last_hvps = float(made) + (0.0 if warm else 1.0)
         metrics = {
             "lambda_max": eigen.lambda_max,
             "lambda_max_residual": eigen.residuals[0],
@@ -150,6 +172,7 @@ class Eigenvalues(Instrument):
 
     def reset(self) -> None:
         self._warm, self._warm_names, self._runs = None, None, 0
+        self._measured, self._last_hvps = {"warm": 0.0, "both": 0.0}, None
 
     def state_dict(self) -> dict[str, Any]:
         warm = self._warm
@@ -160,12 +183,15 @@ class Eigenvalues(Instrument):
             "warm_start": None if warm is None else warm.detach().cpu(),
             "warm_start_params": self._warm_names,
             "runs": self._runs,
+            "measured_hvps": dict(self._measured),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._warm = state.get("warm_start")
         self._warm_names = state.get("warm_start_params")
         self._runs = int(state.get("runs", 0))
+        measured = state.get("measured_hvps") or {}
+        self._measured = {kind: float(measured.get(kind, 0.0)) for kind in ("warm", "both")}
 
 
 class Trace(Instrument):

@@ -586,6 +586,27 @@ def test_eigenvalues_and_step_curvature_share_one_gradient() -> None:
     assert alone.n_grad == 0
 
 
+def test_warm_starts_add_the_gradient_once_a_warm_run_no_longer_beats_a_guided_one() -> None:
+    case = _small_case()
+    objective = Objective(case.model, case.loss_fn, case.batches)
+    eig = Eigenvalues(lambda_min=False)
+    first = run_instruments(objective, [eig]).metrics["lanczos_hvp_count"]
+    assert objective.n_grad == 1  # the cold run is guided
+    second = run_instruments(objective, [eig]).metrics["lanczos_hvp_count"]
+    assert objective.n_grad == 1  # the warm run is not
+    assert eig._top_counts == {"guided": first, "warm": second}
+    assert second < first  # at the same parameters the warm start pays: it stays unguided
+    eig._top_counts = {"guided": 6, "warm": 7}  # as on the CIFAR ResNet 440 steps apart
+    run_instruments(objective, [eig])
+    assert objective.n_grad == 2  # warm start plus the gradient
+    eig._top_counts = {"guided": 6, "warm": 2}
+    run_instruments(objective, [eig])
+    assert objective.n_grad == 2
+    resumed = Eigenvalues(lambda_min=False)
+    resumed.load_state_dict({**eig.state_dict(), "top_counts": {"guided": 6, "warm": 7}})
+    assert resumed._warm_needs_guide() and not Eigenvalues()._warm_needs_guide()
+
+
 def test_eigenvalues_expected_cost_is_the_measured_count_of_its_last_run_of_the_same_kind() -> None:
     """Priors before a kind has run (6 cold, 6 first warm, 30 both ends), then the products the last
     run of that kind made; the run just ended reports its own count (a cold run's one-offs as one more)."""

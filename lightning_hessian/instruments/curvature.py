@@ -38,7 +38,9 @@ class Eigenvalues(Instrument):
             the random start vector (``benchmarks/bench_curvature.py`` prints its products and
             errors against a random start's). It cost one product more near those minima and
             saved one early in a CIFAR ResNet's training (``benchmarks/bench_start_vectors.py``).
-            The gradient is shared with the step's other instruments.
+            Warm starts add it too once a warm run took at least as many products as the last
+            guided one (measured, per instrument). The gradient is shared with the step's other
+            instruments.
         every_n_steps, every_n_epochs: this instrument's own cadence (default: the monitor's).
 
     Metrics: ``lambda_max`` (with ``_residual`` and ``_converged``), ``lambda_<i>``, ``lambda_min``
@@ -81,6 +83,7 @@ class Eigenvalues(Instrument):
         self._warm_names: list[str] | None = None
         self._runs = 0
         self._measured: dict[str, float] = {"warm": 0.0, "both": 0.0}  # products of the last run of each kind
+        self._top_counts: dict[str, int] = {}  # products of the last top-only run by start: cold, warm, guided
         self._last_hvps: float | None = None
 
     def expected_hvps(self) -> float:
@@ -105,6 +108,14 @@ class Eigenvalues(Instrument):
         """The last run's Lanczos products (a cold run's one-offs count as one more): see :meth:`expected_hvps`."""
         return self._last_hvps
 
+    def _warm_needs_guide(self) -> bool:
+        """Whether warm starts add the gradient too: once a warm top-only run took at least as many
+        products as the last gradient-guided one, the previous eigenvector no longer pays alone (on the
+        CIFAR ResNet at the budget's spacing of 300-450 steps: 7 warm against 6 guided and 6 for the
+        two together). Near a step apart a warm start converges in 1-3 products and stays unguided."""
+        warm, guided = self._top_counts.get("warm"), self._top_counts.get("guided")
+        return warm is not None and guided is not None and warm >= guided
+
     def _wants_bottom(self) -> bool:
         """lambda_min at runs every-1, 2*every-1, ...: the first run is top-only, the cheapest to plan."""
         return self.lambda_min and self._runs % self.lambda_min_every == self.lambda_min_every - 1
@@ -118,9 +129,11 @@ class Eigenvalues(Instrument):
         objective = ctx.objective
         both = self._wants_bottom() or bool(both_ends)
         warm = self._warm if self.warm_start and self._warm_names == objective.param_names else None
-        guide = ctx.gradient() if self.gradient_start and warm is None else None
+        guide = None
         if isinstance(ctx.shared.get("eigen"), EigenResult):  # continue this step's top-only run
-            warm, guide = ctx.shared["eigen"], None
+            warm = ctx.shared["eigen"]
+        elif self.gradient_start and (warm is None or self._warm_needs_guide()):
+            guide = ctx.gradient()
         kept: list[KrylovSpace] | None = [] if ctx.shared.get("keep_krylov") else None
         eigen = extremal_eigenpairs(
             objective,
@@ -135,6 +148,8 @@ class Eigenvalues(Instrument):
             krylov_out=kept,
         )
         self._warm, self._warm_names = eigen, list(objective.param_names)
+        if eigen.vector_min is None:  # top-only runs are the ones compared
+            self._top_counts["guided" if guide is not None else ("warm" if warm is not None else "cold")] = eigen.n_hvp
         ctx.shared["eigen"] = eigen
         if kept:  # this step's Trace takes it (and frees it); else it goes with the step's context
             ctx.shared["krylov"] = kept[0]
@@ -172,7 +187,7 @@ class Eigenvalues(Instrument):
 
     def reset(self) -> None:
         self._warm, self._warm_names, self._runs = None, None, 0
-        self._measured, self._last_hvps = {"warm": 0.0, "both": 0.0}, None
+        self._measured, self._last_hvps, self._top_counts = {"warm": 0.0, "both": 0.0}, None, {}
 
     def state_dict(self) -> dict[str, Any]:
         warm = self._warm
@@ -184,6 +199,7 @@ class Eigenvalues(Instrument):
             "warm_start_params": self._warm_names,
             "runs": self._runs,
             "measured_hvps": dict(self._measured),
+            "top_counts": dict(self._top_counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -192,6 +208,7 @@ class Eigenvalues(Instrument):
         self._runs = int(state.get("runs", 0))
         measured = state.get("measured_hvps") or {}
         self._measured = {kind: float(measured.get(kind, 0.0)) for kind in ("warm", "both")}
+        self._top_counts = {str(k): int(v) for k, v in (state.get("top_counts") or {}).items()}
 
 
 class Trace(Instrument):

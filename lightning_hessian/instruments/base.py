@@ -153,8 +153,9 @@ class Instrument:
         """Rough cost of the next run in Hessian-vector products (a forward pass counts about 1/3).
 
         The budget plans an instrument's first run with it, before its real cost is known; later
-        runs with the last run's seconds scaled by this value over its value at that run, so an
-        instrument whose runs differ in kind (``Eigenvalues``' ``lambda_min`` runs) should say so.
+        runs with the last run's seconds scaled by this value over what that run turned out to be
+        (:meth:`last_run_hvps`, else this value at that run), so an instrument whose runs differ
+        in kind (``Eigenvalues``' ``lambda_min`` runs) should say so.
         """
         return 10.0
 

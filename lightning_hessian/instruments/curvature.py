@@ -111,8 +111,9 @@ class Eigenvalues(Instrument):
     def _warm_needs_guide(self) -> bool:
         """Whether warm starts add the gradient too: once a warm top-only run took at least as many
         products as the last gradient-guided one, the previous eigenvector no longer pays alone (on the
-        CIFAR ResNet at the budget's spacing of 300-450 steps: 7 warm against 6 guided and 6 for the
-        two together). Near a step apart a warm start converges in 1-3 products and stays unguided."""
+        CIFAR ResNet at the budget's spacing of 390-440 steps, warm 6-7 and guided 6-7 by probe
+        batch, the two together 6). One step apart a warm start converged in 1-4 products (table 10)
+        and stays unguided."""
         warm, guided = self._top_counts.get("warm"), self._top_counts.get("guided")
         return warm is not None and guided is not None and warm >= guided
 

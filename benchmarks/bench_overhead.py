@@ -566,6 +566,8 @@ def heavy_instruments(resolution: int) -> list[Any]:
 RESNET_CONFIGS: dict[str, str] = {
     "baseline": "no callback",
     "defaults": "HessianMonitor(): library defaults (default instruments, every epoch + log-spaced, budget 0.05)",
+    "defaults_tol_1e-2": "HessianMonitor(instruments=[Eigenvalues(tol=1e-2), StepCurvature()]): the defaults at a "
+    "looser lambda_max tolerance",
     "heavy_budget": "all instruments, HessianMonitor defaults otherwise (budget 0.05)",
     "heavy_nobudget": "all instruments, budget=None, every_n_epochs=E, log_spaced=False, at_fit_start=False",
 }
@@ -576,6 +578,8 @@ def resnet_monitor(config: str, args: argparse.Namespace) -> HessianMonitor | No
         return None
     if config == "defaults":
         return HessianMonitor()
+    if config == "defaults_tol_1e-2":
+        return HessianMonitor(instruments=[Eigenvalues(tol=1e-2), StepCurvature()])
     heavy = heavy_instruments(args.landscape_resolution)
     if config == "heavy_budget":
         return HessianMonitor(instruments=heavy)

@@ -25,6 +25,7 @@ from lightning_hessian import _isolation as isolation
 from lightning_hessian import _validate, sinks
 from lightning_hessian._agreement import AgreedCollectives
 from lightning_hessian._budget_clock import BudgetClock
+from lightning_hessian._forecast import spacing_note
 from lightning_hessian._params import select_parameters
 from lightning_hessian._probe import load_probe_dataloader, resolve_loss_fn
 from lightning_hessian._probe_set import ProbeSet
@@ -194,6 +195,7 @@ class _HessianMonitorCore:
         self._resumed_at: int | None = None
         self._warned_once: set[str] = set()
         self._skips_announced = False
+        self._spacing_told: set[str] = set()  # instruments whose cost and next run were said (once each)
         self._allocator_announced = False
         self._pl_module: Any = None
         self._objective: Objective | None = None
@@ -478,6 +480,7 @@ class _HessianMonitorCore:
                     ctx = None
         self.budget_clock.measuring += self._clock() - started
         self._plan_budget(trainer, step)
+        self._tell_spacing(trainer, step, {name: seconds[name] for name in outputs})
         if outputs:
             self._record(trainer, step, outputs, seconds, hvp_before, ctx)
 
@@ -530,6 +533,25 @@ class _HessianMonitorCore:
         if int(trainer.world_size) > 1:
             plan = trainer.strategy.broadcast(plan, src=0)
         self.scheduler.apply(plan)
+
+    def _tell_spacing(self, trainer: Any, step: int, seconds: dict[str, float]) -> None:
+        """Once per instrument, after its first successful run: what it cost in training steps and when the
+        budget lets it run again (rank zero says it; the plan is the same on every rank)."""
+        if self.budget is None:
+            return
+        for name in [n for n in seconds if n not in self._spacing_told]:
+            self._spacing_told.add(name)
+            note = spacing_note(
+                self.prefix,
+                name,
+                seconds[name],
+                self.budget_clock.train_seconds() / max(step, 1),
+                self.budget,
+                step,
+                self.scheduler.slots[name].next_allowed,
+                _steps_per_epoch(trainer),
+            )
+            rank_zero_info(note)
 
     def _first_cost_estimates(self, trainer: Any) -> dict[str, float]:
         """Predicted seconds of the instruments that have not run yet (free: no HVP is timed to find out)."""
@@ -624,6 +646,15 @@ class _HessianMonitorCore:
 
     def _guarded_io(self, what: str, fn: Callable[[], Any]) -> None:
         isolation.guarded_io(self.prefix, self.on_error, what, fn)
+
+
+def _steps_per_epoch(trainer: Any) -> float | None:
+    """Optimizer steps in a training epoch (``None`` when the trainer cannot say)."""
+    try:
+        batches = float(trainer.num_training_batches)
+        return batches / max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 @contextlib.contextmanager

@@ -414,6 +414,32 @@ def test_budget_postpones_measurements_counts_them_and_says_so(
     assert "postponed" in caplog.text and "hessian/skipped" in caplog.text
 
 
+def test_the_first_run_says_what_it_cost_in_steps_and_when_the_budget_allows_the_next(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The curve's density is told, not left to be discovered: once per instrument, after its first run."""
+    clock = _FakeClock()
+    monitor = _budgeted_on(clock, _SlowInstrument(clock, 2.0))
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, TanhModule(), [_SlowSteps(clock), monitor], max_epochs=5)
+    assert _steps(monitor) == [4, 16, 24]
+    # Steps of 1 s, a run of 2 s at step 4; the next fits at (2 + 2) / 0.25 = 16 s: 12 steps on; 6 steps an epoch.
+    line = "slow took 2 s at step 4, about 2 training steps; within budget=0.25 its next run is allowed from step 16"
+    assert caplog.text.count(line) == 1
+    assert "(12 steps on; an epoch is 6 steps)" in caplog.text
+    assert caplog.text.count("its next run is") == 1  # not again at steps 16 and 24
+
+
+def test_no_spacing_line_without_a_budget(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = _FakeClock()
+    monitor = _budgeted_on(clock, _SlowInstrument(clock, 2.0))
+    monitor.budget = None
+    monitor.scheduler = monitor._new_scheduler()
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, TanhModule(), [_SlowSteps(clock), monitor], max_epochs=1)
+    assert len(monitor.history) >= 6 and "its next run is" not in caplog.text
+
+
 def test_the_monitors_own_time_outside_measurements_is_paid_from_the_budget(tmp_path: Path) -> None:
     """Writing a measurement (files, loggers) is the monitor's time too: it is not training time, and the
     budget pays it before the instrument's share."""

@@ -9,11 +9,11 @@ ResNet-14 of ``bench_memory.py`` (175,258 parameters, BatchNorm) on ``bench_over
 upscaled digits (batch 128, momentum SGD lr 0.05 / momentum 0.9, seed 0, cycling through 390
 batches: one CIFAR-10-length epoch) with a plain PyTorch loop. At each point of ``--steps`` it
 builds ``Objective(model, ce_loss, [probe], hvp="cached")`` on the first training batch and runs
-``extremal_eigenpairs(which="top")`` at tol 1e-3 and 1e-2 from four start vectors:
+``extremal_eigenpairs(which="top")`` at each of ``--tols`` (default 1e-3 and 1e-2) from four start vectors:
 
 - ``random``: ``init=None`` (seed 0);
 - ``gradient-guided``: ``guide=objective.grad()``;
-- ``warm``: ``init=`` the previous point's tol-1e-3 measurement (its ``EigenResult``), as a monitor
+- ``warm``: ``init=`` the previous point's measurement at the first of ``--tols`` (its ``EigenResult``), as a monitor
   with warm starts holds it (the ``warm`` row's; the ``random`` row's at the first point);
 - ``warm + gradient``: ``init=`` unit(previous top eigenvector) + unit(gradient), as a tensor.
 
@@ -21,7 +21,8 @@ For each: HVPs and the actual relative error against a tight reference (random s
 ``max_hvp=200``, same objective). It also prints |cos(g, v1)| and |cos(previous v, v1)|, v1 being the
 reference top eigenvector. Warm starts have no previous measurement at the first point (empty rows).
 
-Run: ``nice -n 5 python benchmarks/bench_start_vectors.py [--steps 1 10 100 360 560 725 900] [--threads 1]``
+Run: ``nice -n 5 python benchmarks/bench_start_vectors.py [--steps 1 10 100 360 560 725 900] [--tols 1e-3 1e-2]
+[--threads 1]``
 (about 10-15 minutes on one core). Raw numbers: ``benchmarks/results/start_vectors.json``.
 """
 
@@ -68,8 +69,10 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
 
 
-def measure(model: torch.nn.Module, probe: Any, prev: EigenResult | None) -> tuple[dict[str, Any], EigenResult]:
-    """Reference and the four starts at both tolerances; returns the row and the monitor's next ``prev``."""
+def measure(
+    model: torch.nn.Module, probe: Any, prev: EigenResult | None, tols: list[float]
+) -> tuple[dict[str, Any], EigenResult]:
+    """Reference and the four starts at each tolerance; returns the row and the next ``prev`` (at ``tols[0]``)."""
     obj = Objective(model, ce_loss, [probe], hvp="cached")
     t0 = time.perf_counter()
     with obj.session():  # one cached gradient graph for every call at this point
@@ -84,9 +87,9 @@ def measure(model: torch.nn.Module, probe: Any, prev: EigenResult | None) -> tup
         results: dict[str, EigenResult] = {}
         for name, kw in inits.items():
             runs[name] = {}
-            for tol in TOLS:
+            for tol in tols:
                 res = extremal_eigenpairs(obj, which="top", tol=tol, **kw)
-                if tol == 1e-3:
+                if tol == tols[0]:
                     results[name] = res
                 runs[name][str(tol)] = {
                     "n_hvp": res.n_hvp,
@@ -109,7 +112,7 @@ def measure(model: torch.nn.Module, probe: Any, prev: EigenResult | None) -> tup
     return row, results["warm" if prev is not None else "random"]
 
 
-def train_and_measure(steps: list[int]) -> list[dict[str, Any]]:
+def train_and_measure(steps: list[int], tols: list[float]) -> list[dict[str, Any]]:
     torch.manual_seed(SEED)
     model = ResNet()
     x, y = upscaled_digits(EPOCH_BATCHES * BATCH)
@@ -125,9 +128,9 @@ def train_and_measure(steps: list[int]) -> list[dict[str, Any]]:
             ce_loss(model, batches[step % EPOCH_BATCHES]).backward()
             opt.step()
             step += 1
-        row, prev = measure(model, batches[0], prev)
+        row, prev = measure(model, batches[0], prev, tols)
         rows.append({"step": step, **row})
-        print_point(rows[-1])
+        print_point(rows[-1], tols)
     return rows
 
 
@@ -135,27 +138,28 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def print_point(row: dict[str, Any]) -> None:
+def print_point(row: dict[str, Any], tols: list[float]) -> None:
     print(
         f"\nstep {row['step']}: probe loss {row['loss']:.4f}, lambda_max {row['lambda_max_ref']:.6g} "
         f"(reference: {row['ref_n_hvp']} HVPs, converged {row['ref_converged']}), |cos(g, v1)| "
         f"{row['cos_grad_v1']:.3f}, |cos(prev v, v1)| {_fmt(row['cos_prev_v1'], '.3f')}, {row['seconds']:.0f} s"
     )
-    print(f"  {'start':<16} {'HVP@1e-3':>8} {'err@1e-3':>9} {'HVP@1e-2':>8} {'err@1e-2':>9}")
+    print(f"  {'start':<16}" + "".join(f" {'HVP@' + format(t, 'g'):>8} {'err@' + format(t, 'g'):>9}" for t in tols))
     for name in STARTS:
         r = row["starts"].get(name)
         if r is None:
-            print(f"  {name:<16} {'-':>8} {'-':>9} {'-':>8} {'-':>9}")
+            print(f"  {name:<16}" + "".join(f" {'-':>8} {'-':>9}" for _ in tols))
             continue
-        a, b = r["0.001"], r["0.01"]
+        cells = [r[str(t)] for t in tols]
         print(
-            f"  {name:<16} {a['n_hvp']:>8} {a['rel_error']:>9.1e} {b['n_hvp']:>8} {b['rel_error']:>9.1e}"
-            + ("" if a["converged"] and b["converged"] else "  (not converged)")
+            f"  {name:<16}"
+            + "".join(f" {c['n_hvp']:>8} {c['rel_error']:>9.1e}" for c in cells)
+            + ("" if all(c["converged"] for c in cells) else "  (not converged)")
         )
     sys.stdout.flush()
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def summary(rows: list[dict[str, Any]], tols: list[float]) -> dict[str, dict[str, Any]]:
     """Per start vector: mean HVPs over the points where it ran and over the points where every start ran
     (warm starts have no first point), and the largest error."""
     later = [r for r in rows if len(r["starts"]) == len(STARTS)]
@@ -163,7 +167,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for name in STARTS:
         runs = [r["starts"][name] for r in rows if name in r["starts"]]
         out[name] = {"points": len(runs)}
-        for tol in ("0.001", "0.01"):
+        for tol in map(str, tols):
             out[name][f"mean_hvp_{tol}"] = sum(r[tol]["n_hvp"] for r in runs) / max(len(runs), 1)
             hvps = [r["starts"][name][tol]["n_hvp"] for r in later]
             out[name][f"mean_hvp_{tol}_warm_points"] = sum(hvps) / max(len(hvps), 1)
@@ -171,21 +175,24 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def print_summary(means: dict[str, dict[str, Any]]) -> None:
+def print_summary(means: dict[str, dict[str, Any]], tols: list[float]) -> None:
     print("\nmean HVPs per start vector (all points where it ran | the points with a previous measurement)")
-    print(f"  {'start':<16} {'points':>6} {'HVP@1e-3':>13} {'max err':>8} {'HVP@1e-2':>13} {'max err':>8}")
+    print(f"  {'start':<16} {'points':>6}" + "".join(f" {'HVP@' + format(t, 'g'):>13} {'max err':>8}" for t in tols))
     for name, m in means.items():
-        h3 = f"{m['mean_hvp_0.001']:.2f} | {m['mean_hvp_0.001_warm_points']:.2f}"
-        h2 = f"{m['mean_hvp_0.01']:.2f} | {m['mean_hvp_0.01_warm_points']:.2f}"
-        print(
-            f"  {name:<16} {m['points']:>6} {h3:>13} {_fmt(m['max_error_0.001'], '.1e'):>8} "
-            f"{h2:>13} {_fmt(m['max_error_0.01'], '.1e'):>8}"
-        )
+        cells = [
+            f" {m[f'mean_hvp_{t}']:.2f} | {m[f'mean_hvp_{t}_warm_points']:.2f}".rjust(14)
+            + f" {_fmt(m[f'max_error_{t}'], '.1e'):>8}"
+            for t in map(str, tols)
+        ]
+        print(f"  {name:<16} {m['points']:>6}" + "".join(cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 10, 100, 360, 560, 725, 900])
+    parser.add_argument(
+        "--tols", type=float, nargs="+", default=list(TOLS), help="tolerances (warm starts carry the first one's)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1, set explicitly)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -199,9 +206,9 @@ def main() -> None:
     commit = git("rev-parse", "HEAD")
     dirty = git("status", "--porcelain", "--", "lightning_hessian", *(f"benchmarks/{f}" for f in IMPORTED)).splitlines()
     t0 = time.perf_counter()
-    rows = train_and_measure(args.steps)
-    means = summary(rows)
-    print_summary(means)
+    rows = train_and_measure(args.steps, args.tols)
+    means = summary(rows, args.tols)
+    print_summary(means, args.tols)
     end = os.getloadavg()
     print(f"{time.perf_counter() - t0:.0f} s; load average at end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}")
     meta = {
@@ -215,6 +222,7 @@ def main() -> None:
         "git_commit": commit,  # read at start: the code this run imported
         "uncommitted_files": dirty,
         "seconds": time.perf_counter() - t0,
+        "tols": args.tols,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "points": rows, "means": means}, indent=1))

@@ -32,7 +32,7 @@ def spacing_note(
         if steps_per_epoch is not None and math.isfinite(steps_per_epoch) and steps_per_epoch > 0
         else ""
     )
-    when = f"allowed from step {next_allowed} ({gap} steps on{epoch})" if gap < 10**8 else "not within this budget"
+    when = f"planned from step {next_allowed} ({gap} steps on{epoch})" if gap < 10**8 else "not within this budget"
     return (
         f"HessianMonitor({prefix}): {name} took {seconds:.3g} s at step {step}, about {worth:.3g} training steps; "
         f"within budget={budget} its next run is {when}. For a denser curve raise budget= or lower the "

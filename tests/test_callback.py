@@ -424,7 +424,7 @@ def test_the_first_run_says_what_it_cost_in_steps_and_when_the_budget_allows_the
         _fit(tmp_path, TanhModule(), [_SlowSteps(clock), monitor], max_epochs=5)
     assert _steps(monitor) == [4, 16, 24]
     # Steps of 1 s, a run of 2 s at step 4; the next fits at (2 + 2) / 0.25 = 16 s: 12 steps on; 6 steps an epoch.
-    line = "slow took 2 s at step 4, about 2 training steps; within budget=0.25 its next run is allowed from step 16"
+    line = "slow took 2 s at step 4, about 2 training steps; within budget=0.25 its next run is planned from step 16"
     assert caplog.text.count(line) == 1
     assert "(12 steps on; an epoch is 6 steps)" in caplog.text
     assert caplog.text.count("its next run is") == 1  # not again at steps 16 and 24

@@ -535,7 +535,7 @@ class _HessianMonitorCore:
         self.scheduler.apply(plan)
 
     def _tell_spacing(self, trainer: Any, step: int, seconds: dict[str, float]) -> None:
-        """Once per instrument, after its first successful run: what it cost in training steps and when the
+        """Once per instrument and fit, after its first successful run: what it cost in training steps and when the
         budget lets it run again (rank zero says it; the plan is the same on every rank)."""
         if self.budget is None:
             return

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from lightning_hessian._forecast import spacing_note
 from lightning_hessian.scheduler import Cadence, Scheduler
 
 
@@ -88,3 +89,14 @@ def test_an_instrument_of_weight_zero_never_runs_under_a_budget_even_alone() -> 
     assert runs["free"] == [] and runs["other"][:2] == [4, 8]
     runs, _ = _simulate({"free": 0.1}, {"free": 0.0}, budget=0.25, steps=50)
     assert runs["free"] == []
+
+
+def test_the_spacing_line_states_cost_in_steps_and_the_planned_gap() -> None:
+    """The text users read about their curve's density: steps-worth, the planned step, the epoch when known."""
+    line = spacing_note("hessian", "eigenvalues", 4.63, 0.2315, 0.05, 302, 801, 390.0)
+    assert "eigenvalues took 4.63 s at step 302, about 20 training steps" in line
+    assert "its next run is planned from step 801 (499 steps on; an epoch is 390 steps)" in line
+    for unknown in (None, math.inf):  # an iterable loader without a length: no epoch in the line
+        assert "(499 steps on)." in spacing_note("hessian", "eigenvalues", 4.63, 0.2315, 0.05, 302, 801, unknown)
+    never = spacing_note("hessian", "diag", 1.0, 0.5, 0.05, 10, 10 + 1_000_000_000, 390.0)
+    assert "about 2 training steps" in never and "its next run is not within this budget" in never

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -13,6 +13,9 @@ from lightning_hessian.indicators import saddle_visibility
 from lightning_hessian.instruments.base import Artifact, Instrument, InstrumentOutput, StepContext
 from lightning_hessian.spectrum import EigenResult, extremal_eigenpairs
 from lightning_hessian.trace import hutchinson_trace, slope_fit_trace
+
+if TYPE_CHECKING:
+    from lightning_hessian.objective import Objective
 
 
 class Eigenvalues(Instrument):
@@ -129,7 +132,7 @@ class Eigenvalues(Instrument):
         """Run Lanczos once for this step and share the result (``ctx.shared["eigen"]``)."""
         objective = ctx.objective
         both = self._wants_bottom() or bool(both_ends)
-        warm = self._warm if self.warm_start and self._warm_names == objective.param_names else None
+        warm = self._warm_for(objective)
         guide = None
         if isinstance(ctx.shared.get("eigen"), EigenResult):  # continue this step's top-only run
             warm = ctx.shared["eigen"]
@@ -156,8 +159,12 @@ class Eigenvalues(Instrument):
             ctx.shared["krylov"] = kept[0]
         return eigen
 
+    def _warm_for(self, objective: Objective) -> EigenResult | Tensor | None:
+        """The previous result to start from: with warm starts on, and measured over the same parameters."""
+        return self._warm if self.warm_start and self._warm_names == objective.param_names else None
+
     def run(self, ctx: StepContext) -> InstrumentOutput:
-        warm = self.warm_start and self._warm is not None
+        warm = self._warm_for(ctx.objective) is not None  # the start compute_eigen takes
         before = ctx.objective.n_hvp
         eigen = ctx.eigenpairs(both_ends=self._wants_bottom())
         self._runs += 1

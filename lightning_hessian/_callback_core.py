@@ -6,7 +6,9 @@ Imports neither Lightning package: everything Lightning-specific is reached thro
 budget's wall clock in :mod:`lightning_hessian._budget_clock`); where it goes, in
 :mod:`lightning_hessian._publisher` (routing), :mod:`lightning_hessian.run_files` and
 :mod:`lightning_hessian.sinks`; failures are contained by :mod:`lightning_hessian._isolation`.
-This module connects them to Lightning's hooks and keeps the probe set.
+The probe's objectives are kept by :mod:`lightning_hessian._objectives`, the budget is planned by
+:mod:`lightning_hessian._budget_planner`, and what is said once by :mod:`lightning_hessian._announcer`.
+This module connects them to Lightning's hooks.
 """
 
 from __future__ import annotations
@@ -14,23 +16,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from lightning_hessian import _isolation as isolation
 from lightning_hessian import _validate, sinks
 from lightning_hessian._agreement import AgreedCollectives
+from lightning_hessian._announcer import Announcer
 from lightning_hessian._budget_clock import BudgetClock
-from lightning_hessian._forecast import spacing_note
+from lightning_hessian._budget_planner import BudgetPlanner
+from lightning_hessian._objectives import ProbeObjectives
 from lightning_hessian._params import select_parameters
 from lightning_hessian._probe import load_probe_dataloader, resolve_loss_fn
 from lightning_hessian._probe_set import ProbeSet
+from lightning_hessian._progress import progress_bar
 from lightning_hessian._publisher import Publisher
-from lightning_hessian.allocator import dynamic_glibc_thresholds
 from lightning_hessian.instruments import (
     Eigenvalues,
     Instrument,
@@ -42,7 +46,7 @@ from lightning_hessian.instruments import (
 from lightning_hessian.instruments.base import InstrumentOutput, StepContext
 from lightning_hessian.instruments.landscape import Landscape
 from lightning_hessian.instruments.optimizer import StepCurvature
-from lightning_hessian.objective import HvpEngine, Objective, default_batch_size
+from lightning_hessian.objective import HvpEngine, default_batch_size
 from lightning_hessian.run_files import RunFiles
 from lightning_hessian.scheduler import Scheduler, cadence_for, names_of
 from lightning_hessian.snapshots import Snapshot
@@ -193,18 +197,12 @@ class _HessianMonitorCore:
         self._n_failed = 0
         self._last_frame_step = -1
         self._resumed_at: int | None = None
-        self._warned_once: set[str] = set()
-        self._skips_announced = False
-        self._spacing_told: set[str] = set()  # instruments whose cost and next run were said (once each)
-        self._allocator_announced = False
+        self.announcer = Announcer(self.prefix, self.budget)
         self._pl_module: Any = None
-        self._objective: Objective | None = None
-        self._objective_names: list[str] = []
-        self._val_objectives: dict[str, Objective] = {}
-        self._val_probes: dict[str, list[Any]] = {}
-        self._loss: Callable[[Any, Any], Any] | None = None
+        self.objectives = ProbeObjectives(self.params, self.hvp, self.mode)
         self._collectives: AgreedCollectives | None = None
         self.budget_clock = BudgetClock(self._now)
+        self.planner = BudgetPlanner(self.budget, self._by_name, self.scheduler, self.budget_clock, self.probe)
 
     def _now(self) -> float:
         """The budget's wall clock (``_clock``, which a test can fake); a method, so the monitor pickles."""
@@ -230,7 +228,7 @@ class _HessianMonitorCore:
             if not self.allow_untested:
                 raise ValueError(message)
             rank_zero_warn(message)
-        self._loss = resolve_loss_fn(self.loss_fn, pl_module)
+        self.objectives.loss = resolve_loss_fn(self.loss_fn, pl_module)
         self._check_parameters(pl_module)
 
     def _check_parameters(self, pl_module: Any) -> None:
@@ -258,7 +256,7 @@ class _HessianMonitorCore:
             self._start_fit(trainer, pl_module)
 
     def _start_fit(self, trainer: Any, pl_module: Any) -> None:
-        self._objective = None
+        self.objectives.release()
         self._collectives = None
         if int(trainer.world_size) > 1:
             strategy = trainer.strategy
@@ -266,12 +264,13 @@ class _HessianMonitorCore:
                 lambda t: strategy.reduce(t, reduce_op="sum"),
                 pl_module.device,
             )
+        self.objectives.all_reduce_sum = None if self._collectives is None else self._collectives.all_reduce_sum
         self.probe.load(trainer, pl_module)
         for name, ins in self._by_name.items():
             if isinstance(ins, Landscape):
                 ins.to_device(pl_module.device)
                 if ins.val_dataloader is not None:
-                    self._val_probes[name] = load_probe_dataloader(ins.val_dataloader, trainer, pl_module)
+                    self.objectives.val_probes[name] = load_probe_dataloader(ins.val_dataloader, trainer, pl_module)
         if trainer.is_global_zero:
             self._guarded_io("preparing the run directory", lambda: self._prepare_files(trainer))
 
@@ -308,48 +307,31 @@ class _HessianMonitorCore:
             return
         with self.budget_clock.monitoring():
             if self.scheduler.needs_replan:  # the fit-start measurement was planned before any step was timed
-                self._plan_budget(trainer, int(trainer.global_step))
+                self.planner.plan(trainer, int(trainer.global_step))
             names = self.due_instruments(trainer, step=int(trainer.global_step))
-            self._run(trainer, pl_module, self._confirmed(trainer, names))
+            self._run(trainer, pl_module, self.planner.confirm(trainer, names))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         with self.budget_clock.monitoring():
             self._settle_probe(trainer, f"the end of epoch {trainer.current_epoch}")
             names = self.due_instruments(trainer, epoch=int(trainer.current_epoch))
-            self._run(trainer, pl_module, self._confirmed(trainer, names))
+            self._run(trainer, pl_module, self.planner.confirm(trainer, names))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._settle_probe(trainer, "the end of training")
         if self.at_fit_end and self.probe.complete:
             step = int(trainer.global_step)
             if self.scheduler.needs_replan or any(slot.runs == 0 for slot in self.scheduler.slots.values()):
-                self._plan_budget(trainer, step)
+                self.planner.plan(trainer, step)
             self._run(trainer, pl_module, self.scheduler.at_fit_end(step))
         if trainer.is_global_zero:
-            for ins in self.instruments:
-                self._guarded_io(f"the {ins.name} summary", functools.partial(self._summarise, trainer, ins))
-            for ins in self.instruments:
-                if isinstance(ins, Landscape) and ins.animation != "never" and self.files.frames:
-                    animate = functools.partial(
-                        self.files.animate,
-                        self._run_dir(trainer),
-                        trainer.loggers,
-                        ins.log_scale,
-                        trainer.global_step,
-                        shared_scale=ins.shared_scale,
-                    )
-                    self._guarded_io("the landscape animation", animate)
-        self._drop_objectives()
+            run_dir = functools.partial(self._run_dir, trainer)
+            self.publisher.finish(run_dir, trainer.loggers, int(trainer.global_step), self._guarded_io)
+        self.objectives.release()
         self._pl_module = None
 
-    def _summarise(self, trainer: Any, ins: Instrument) -> None:
-        out = ins.summary()
-        if out is not None:
-            for artifact in out.artifacts:
-                self.publisher.artifact(self._run_dir(trainer), trainer.loggers, artifact, int(trainer.global_step))
-
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._drop_objectives()
+        self.objectives.release()
 
     def due_instruments(self, trainer: Any, step: int | None = None, epoch: int | None = None) -> list[str]:
         """The scheduling predicate: names of the instruments to run now; override it for another schedule.
@@ -363,20 +345,8 @@ class _HessianMonitorCore:
             return self.scheduler.at_epoch_end(epoch, int(trainer.global_step))
         return []
 
-    def _confirmed(self, trainer: Any, names: list[str]) -> list[str]:
-        """Plan again before running what an earlier plan allowed: that plan's step time may have been off
-        (the first steps carry the fit's start-up), so the budget is checked against the time so far."""
-        if not names or self.budget is None or not self.probe.complete or trainer.sanity_checking:
-            return names
-        step = int(trainer.global_step)
-        self._plan_budget(trainer, step)
-        return self.scheduler.confirm(step, names)
-
     def _settle_probe(self, trainer: Any, where: str) -> None:
-        message = self.probe.settle(trainer, where)
-        if message and message not in self._warned_once:
-            self._warned_once.add(message)
-            rank_zero_warn(message)
+        self.announcer.warn_once(self.probe.settle(trainer, where))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -421,22 +391,6 @@ class _HessianMonitorCore:
     def _run_dir(self, trainer: Any) -> Path:
         return sinks.run_directory(trainer.loggers, trainer.default_root_dir)
 
-    def _make_objective(self, pl_module: Any) -> Objective:
-        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        if self._objective is None or self._objective_names != names:
-            self._objective = self._build_objective(pl_module, self.probe.batches)
-            self._val_objectives = {}
-            self._objective_names = names
-        return self._objective
-
-    def _build_objective(self, pl_module: Any, batches: list[Any]) -> Objective:
-        """The probe objective; under DDP its all-reduces go through the agreement protocol."""
-        assert self._loss is not None
-        all_reduce = None if self._collectives is None else self._collectives.all_reduce_sum
-        return Objective(
-            pl_module, self._loss, batches, params=self.params, hvp=self.hvp, mode=self.mode, all_reduce_sum=all_reduce
-        )
-
     def _run(self, trainer: Any, pl_module: Any, names: Sequence[str]) -> None:
         """Run the named instruments at this step on one shared context; log what they return.
 
@@ -447,7 +401,7 @@ class _HessianMonitorCore:
             return
         step = int(trainer.global_step)
         started = self._clock()
-        hvp_before = self._hvp_count()
+        hvp_before = self.objectives.hvp_count()
         ctx: StepContext | None = None
         outputs: dict[str, InstrumentOutput] = {}
         seconds: dict[str, float] = {}
@@ -476,17 +430,19 @@ class _HessianMonitorCore:
                 if ok:
                     outputs[name] = out
                 else:
-                    self._drop_objectives()  # rebuilt from scratch next time, on every rank alike
+                    self.objectives.release()  # rebuilt from scratch next time, on every rank alike
                     ctx = None
         self.budget_clock.measuring += self._clock() - started
-        self._plan_budget(trainer, step)
-        self._tell_spacing(trainer, step, {name: seconds[name] for name in outputs})
+        self.planner.plan(trainer, step)
+        next_allowed = {name: slot.next_allowed for name, slot in self.scheduler.slots.items()}
+        train_seconds = self.budget_clock.train_seconds()
+        self.announcer.spacing(trainer, step, {n: seconds[n] for n in outputs}, train_seconds, next_allowed)
         if outputs:
             self._record(trainer, step, outputs, seconds, hvp_before, ctx)
 
     def _new_context(self, trainer: Any, pl_module: Any, step: int) -> StepContext:
         """One shared context per measured step: the objective (one gradient graph), the optimizers, the seed."""
-        objective = self._make_objective(pl_module)
+        objective = self.objectives.for_module(pl_module, self.probe.batches)
         ctx = StepContext(
             objective,
             step=step,
@@ -496,11 +452,11 @@ class _HessianMonitorCore:
         )
         ctx.eigen_provider = eigen_provider(self.instruments)
         if trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None) is not None:
-            ctx.progress_factory = _progress_bar
+            ctx.progress_factory = progress_bar
         return ctx
 
     def _one(self, ctx: StepContext, name: str, ins: Instrument) -> InstrumentOutput:
-        ctx.val_objective = self._val_objective(name)
+        ctx.val_objective = self.objectives.validation(name)
         with ctx.objective.session():
             out = ins.run(ctx)
         for artifact in out.artifacts:
@@ -508,59 +464,6 @@ class _HessianMonitorCore:
                 self.last_snapshot = artifact.data
                 self._last_frame_step = ctx.step
         return out
-
-    def _val_objective(self, name: str) -> Objective | None:
-        if name not in self._val_probes or self._objective is None:
-            return None
-        if name not in self._val_objectives:
-            self._val_objectives[name] = self._build_objective(self._objective.model, self._val_probes[name])
-        return self._val_objectives[name]
-
-    def _hvp_count(self) -> int:
-        objectives = [self._objective, *self._val_objectives.values()]
-        return sum(o.n_hvp + o.n_hvp_check for o in objectives if o is not None)
-
-    def _plan_budget(self, trainer: Any, step: int) -> None:
-        """Rank zero turns the budget into next-allowed steps; every rank applies the same numbers."""
-        if self.budget is None:
-            return
-        estimates = self._first_cost_estimates(trainer)
-        next_hvps = {name: float(ins.expected_hvps()) for name, ins in self._by_name.items()}
-        clock = self.budget_clock
-        plan = self.scheduler.plan(
-            step, clock.train_seconds(), step, estimates, next_hvps, overhead_seconds=clock.overhead_seconds()
-        )
-        if int(trainer.world_size) > 1:
-            plan = trainer.strategy.broadcast(plan, src=0)
-        self.scheduler.apply(plan)
-
-    def _tell_spacing(self, trainer: Any, step: int, seconds: dict[str, float]) -> None:
-        """Once per instrument and fit, after its first successful run: what it cost in training steps and when the
-        budget lets it run again (rank zero says it; the plan is the same on every rank)."""
-        if self.budget is None:
-            return
-        for name in [n for n in seconds if n not in self._spacing_told]:
-            self._spacing_told.add(name)
-            note = spacing_note(
-                self.prefix,
-                name,
-                seconds[name],
-                self.budget_clock.train_seconds() / max(step, 1),
-                self.budget,
-                step,
-                self.scheduler.slots[name].next_allowed,
-                _steps_per_epoch(trainer),
-            )
-            rank_zero_info(note)
-
-    def _first_cost_estimates(self, trainer: Any) -> dict[str, float]:
-        """Predicted seconds of the instruments that have not run yet (free: no HVP is timed to find out)."""
-        fresh = [name for name, slot in self.scheduler.slots.items() if slot.runs == 0]
-        if not fresh or not self.probe.complete:
-            return {}
-        probe_samples = sum(default_batch_size(b) for b in self.probe.batches)
-        expected = {name: self._by_name[name].expected_hvps() for name in fresh}
-        return self.budget_clock.first_costs(expected, int(trainer.global_step), probe_samples)
 
     def _record(
         self,
@@ -577,7 +480,7 @@ class _HessianMonitorCore:
             target = landscape if self._by_name[name].namespace == "landscape" else metrics
             target.update(out.metrics)
         if metrics:
-            metrics["hvp_count"] = float(self._hvp_count() - hvp_before)
+            metrics["hvp_count"] = float(self.objectives.hvp_count() - hvp_before)
             metrics["seconds"] = float(sum(seconds.values()))
             if metrics["hvp_count"] > 0:  # what the next first runs are planned with
                 self.budget_clock.hvp_seconds = metrics["seconds"] / metrics["hvp_count"]
@@ -586,24 +489,9 @@ class _HessianMonitorCore:
         self.last_measurement = StepResult(metrics=dict(metrics), outputs=outputs, seconds=seconds, eigen=eigen)
         if metrics:
             self.history.append({"step": float(step), "epoch": float(trainer.current_epoch), **metrics})
-        new_skips = self.scheduler.take_new_skips()
-        if new_skips and not self._skips_announced:
-            self._skips_announced = True
-            rank_zero_info(
-                f"HessianMonitor({self.prefix}): the time budget (budget={self.budget} of the training time) postponed "
-                f"{new_skips} measurement(s) so far; they run at the first step where they fit. The count is logged "
-                f"as {self.prefix}/skipped. Pass budget=None to measure exactly on schedule."
-            )
-        if not self._allocator_announced and ctx is not None and ctx.objective.device.type == "cpu":
-            self._allocator_announced = True
-            if dynamic_glibc_thresholds():
-                rank_zero_info(
-                    f"HessianMonitor({self.prefix}): training on CPU with glibc's dynamic malloc thresholds. A "
-                    "measurement's temporaries raise them, and later training steps can run slower (about 5 % on "
-                    "a CIFAR-shaped ResNet). lightning_hessian.pin_malloc_thresholds() at the start of the script, "
-                    "or MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment, avoids it (README, "
-                    "'What it costs')."
-                )
+        self.announcer.skips(self.scheduler.take_new_skips())
+        if ctx is not None:
+            self.announcer.allocator(ctx.objective.device.type)
         if trainer.is_global_zero:
             self._guarded_io(
                 f"writing the measurement at step {step}",
@@ -615,9 +503,10 @@ class _HessianMonitorCore:
     ) -> None:
         """Rank zero: the measured step to the run files and loggers (through the publisher)."""
         entry: dict[str, Any] = dict(self.history[-1]) if metrics else {}
-        if metrics and self._objective is not None:  # which HVP engine "auto" chose, and its memory plan
-            entry["engine"] = self._objective.active_engine
-        num_params = None if self._objective is None else self._objective.num_params
+        objective = self.objectives.training
+        if metrics and objective is not None:  # which HVP engine "auto" chose, and its memory plan
+            entry["engine"] = objective.active_engine
+        num_params = None if objective is None else objective.num_params
         self.publisher.measurement(self._run_dir(trainer), trainer.loggers, step, outputs, metrics, entry, num_params)
 
     # ------------------------------------------------------------------ failures
@@ -628,13 +517,6 @@ class _HessianMonitorCore:
         with self._collectives.agreement():
             return fn()
 
-    def _drop_objectives(self) -> None:
-        for objective in (self._objective, *self._val_objectives.values()):
-            if objective is not None:
-                objective.release()
-        self._objective = None
-        self._val_objectives = {}
-
     def _guarded(self, trainer: Any, what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
         """Run ``fn`` with its failure isolated from training (:func:`lightning_hessian._isolation.guarded`)."""
         return isolation.guarded(trainer, self.prefix, self.on_error, what, fn, self._failed)
@@ -642,26 +524,7 @@ class _HessianMonitorCore:
     def _failed(self, err: BaseException) -> None:
         self._n_failed += 1
         if isolation.is_out_of_memory(err):
-            self._drop_objectives()
+            self.objectives.release()
 
     def _guarded_io(self, what: str, fn: Callable[[], Any]) -> None:
         isolation.guarded_io(self.prefix, self.on_error, what, fn)
-
-
-def _steps_per_epoch(trainer: Any) -> float | None:
-    """Optimizer steps in a training epoch (``None`` when the trainer cannot say)."""
-    try:
-        batches = float(trainer.num_training_batches)
-        return batches / max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def _progress_bar(what: str, total: int) -> Iterator[Callable[[int], Any]]:
-    """A transient bar under Lightning's own (rank zero, when the trainer shows one): a landscape snapshot
-    is hundreds of forward passes, and training otherwise seems to hang while it runs."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, desc=f"HessianMonitor: {what}", leave=False, dynamic_ncols=True, position=1) as bar:
-        yield bar.update

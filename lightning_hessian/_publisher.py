@@ -7,7 +7,8 @@ runs :meth:`Publisher.measurement` under its I/O isolation. Rendering and file f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,35 @@ class Publisher:
                     )
                 else:
                     self.artifact(run_dir, loggers, artifact, step)
+
+    def finish(
+        self,
+        run_dir: Callable[[], Path],
+        loggers: Sequence[Any],
+        step: int,
+        guard: Callable[[str, Callable[[], Any]], None],
+    ) -> None:
+        """At the end of training: each instrument's summary, then each landscape's animation, each under
+        ``guard(what, fn)`` (the monitor's I/O isolation), so one failing write does not stop the others."""
+        for name, ins in self.instruments.items():
+            guard(f"the {name} summary", functools.partial(self._summary, run_dir, loggers, ins, step))
+        for ins in self.instruments.values():
+            if isinstance(ins, Landscape) and ins.animation != "never" and self.files.frames:
+                animate = functools.partial(
+                    self._animation, run_dir, loggers, ins.log_scale, step, shared_scale=ins.shared_scale
+                )
+                guard("the landscape animation", animate)
+
+    def _summary(self, run_dir: Callable[[], Path], loggers: Sequence[Any], ins: Instrument, step: int) -> None:
+        out = ins.summary()
+        if out is not None:
+            for artifact in out.artifacts:
+                self.artifact(run_dir(), loggers, artifact, step)
+
+    def _animation(
+        self, run_dir: Callable[[], Path], loggers: Sequence[Any], log_scale: Any, step: int, *, shared_scale: bool
+    ) -> None:
+        self.files.animate(run_dir(), loggers, log_scale, step, shared_scale=shared_scale)
 
     def artifact(self, run_dir: Path, loggers: Sequence[Any], artifact: Artifact, step: int) -> None:
         """An image, a line chart, or files saved under ``<run dir>/<name>/<prefix>``."""

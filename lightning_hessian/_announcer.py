@@ -50,7 +50,7 @@ class Announcer:
         trainer: Any,
         step: int,
         seconds: Mapping[str, float],
-        train_seconds: float,
+        step_seconds: float,
         next_allowed: Mapping[str, int],
     ) -> None:
         """After each instrument's first successful run: its cost in training steps and the step from which the
@@ -63,7 +63,7 @@ class Announcer:
                 self.prefix,
                 name,
                 seconds[name],
-                train_seconds / max(step, 1),
+                step_seconds,
                 self.budget,
                 step,
                 next_allowed[name],

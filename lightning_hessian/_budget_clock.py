@@ -55,10 +55,14 @@ class BudgetClock:
             return self.before
         return self.before + max(self.clock() - self.started_at - self.measuring - self.overhead, 0.0)
 
+    def step_seconds(self, step: int) -> float:
+        """The mean training step so far: training seconds over the ``step`` optimizer steps taken."""
+        return self.train_seconds() / max(step, 1)
+
     def first_costs(self, expected_hvps: Mapping[str, float], step: int, probe_samples: int) -> dict[str, float]:
         """Seconds each not-yet-run instrument is expected to take: its expected HVPs times one HVP's seconds."""
         hvp_seconds = self.hvp_seconds
         if hvp_seconds is None:
-            step_seconds = self.train_seconds() / max(step, 1)
+            step_seconds = self.step_seconds(step)
             hvp_seconds = HVP_IN_TRAINING_STEPS * step_seconds * probe_samples / max(self.train_batch_size, 1)
         return {name: hvps * hvp_seconds for name, hvps in expected_hvps.items()}

@@ -435,8 +435,8 @@ class _HessianMonitorCore:
         self.budget_clock.measuring += self._clock() - started
         self.planner.plan(trainer, step)
         next_allowed = {name: slot.next_allowed for name, slot in self.scheduler.slots.items()}
-        train_seconds = self.budget_clock.train_seconds()
-        self.announcer.spacing(trainer, step, {n: seconds[n] for n in outputs}, train_seconds, next_allowed)
+        step_seconds = self.budget_clock.step_seconds(step)
+        self.announcer.spacing(trainer, step, {n: seconds[n] for n in outputs}, step_seconds, next_allowed)
         if outputs:
             self._record(trainer, step, outputs, seconds, hvp_before, ctx)
 

@@ -77,8 +77,8 @@ def test_each_message_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
         announcer.warn_once("probe incomplete")
         announcer.warn_once(None)
         seconds = {"eigenvalues": 2.0}
-        announcer.spacing(_trainer(12, 2), 10, seconds, train_seconds=10.0, next_allowed={"eigenvalues": 50})
-        announcer.spacing(_trainer(12, 2), 50, seconds, train_seconds=50.0, next_allowed={"eigenvalues": 90})
+        announcer.spacing(_trainer(12, 2), 10, seconds, step_seconds=1.0, next_allowed={"eigenvalues": 50})
+        announcer.spacing(_trainer(12, 2), 50, seconds, step_seconds=1.0, next_allowed={"eigenvalues": 90})
     text = caplog.text
     assert text.count("postponed 3 measurement(s)") == 1 and "postponed 5" not in text
     assert [str(w.message) for w in warned] == ["probe incomplete"]
@@ -90,7 +90,7 @@ def test_each_message_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_no_budget_means_no_spacing_line(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO):
-        Announcer("hessian", None).spacing(_trainer(), 10, {"eigenvalues": 2.0}, 10.0, {"eigenvalues": 50})
+        Announcer("hessian", None).spacing(_trainer(), 10, {"eigenvalues": 2.0}, 1.0, {"eigenvalues": 50})
     assert "next run" not in caplog.text
 
 
